@@ -76,7 +76,8 @@ absl::StatusOr<Tensor> MatMul(const Tensor& a, const Tensor& b,
 // buffer; other layouts give kInvalidArgument. With beta = 0 the previous
 // contents of c are ignored (NaN in c does not propagate). fp16/bf16 c is
 // read, updated in float32 and rounded back once.
-// kInvalidArgument: ranks, inner dimensions, c's shape, dtypes (all named).
+// kInvalidArgument: ranks, inner dimensions, c's shape, dtypes (all named);
+// c sharing storage with a or b.
 //
 // Example:
 //   // dW += dY^T X, for dY [T, out], X [T, in], dW [out, in]:
@@ -237,9 +238,11 @@ absl::StatusOr<Tensor> EmbeddingBackward(const Tensor& grad, const Tensor& ids,
 // Conversion and reduction.
 // ---------------------------------------------------------------------------
 
-// A contiguous copy converted to `dtype`: floats round to nearest even,
-// float -> integer truncates toward zero (NaN/out of range: unspecified
-// value, never a crash), integer -> float rounds.
+// A contiguous copy (never a view, even for the same dtype) converted to
+// `dtype`, any dtype to any: to a float type the value is rounded once to
+// nearest even (float64 -> float16 is correctly rounded, no double
+// rounding); float -> integer truncates toward zero, NaN gives 0 and values
+// out of range saturate to the integer type's limits.
 absl::StatusOr<Tensor> Cast(const Tensor& t, DType dtype);
 // Sum of every element, accumulated in double (for losses and tests).
 // 0 for an empty tensor.
