@@ -279,8 +279,8 @@ absl::StatusOr<Tensor> InitShard(const InitSpec& spec, const Shape& full_shape,
   if (start < 0 || length < 0 || start > full_shape[d] ||
       length > full_shape[d] - start) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "InitShard: slice [", start, ", ", start + length,
-        ") out of range for dim ", d, " of shape ", ShapeToString(full_shape)));
+        "InitShard: slice start ", start, ", length ", length,
+        " out of range for dim ", d, " of shape ", ShapeToString(full_shape)));
   }
   ASSIGN_OR_RETURN(const Params p, Resolve(spec, full_shape));
   Shape out_shape = full_shape;
