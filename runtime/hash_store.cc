@@ -28,20 +28,30 @@ absl::StatusOr<int64_t> StoreAddToValue(absl::string_view key,
   return result;
 }
 
+std::chrono::steady_clock::time_point StoreDeadlineFromNow(
+    absl::Duration timeout) {
+  const absl::Duration capped = std::min(
+      std::max(timeout, absl::ZeroDuration()), absl::Hours(24 * 365 * 10));
+  return std::chrono::steady_clock::now() +
+         absl::ToChronoNanoseconds(capped);
+}
+
 absl::Status HashStore::Set(absl::string_view key, absl::string_view value) {
-  absl::MutexLock lock(&mu_);
-  data_[key] = std::string(value);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    data_[key] = std::string(value);
+  }
+  changed_.notify_all();
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> HashStore::Get(absl::string_view key,
                                            absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto present = [this, key]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return data_.contains(key);
-  };
-  if (!mu_.AwaitWithTimeout(absl::Condition(&present),
-                            std::max(timeout, absl::ZeroDuration()))) {
+  const auto deadline = StoreDeadlineFromNow(timeout);
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!changed_.wait_until(lock, deadline, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return data_.contains(key);
+      })) {
     return absl::DeadlineExceededError(
         absl::StrCat("HashStore::Get: key '", key, "' not set within ",
                      absl::FormatDuration(timeout)));
@@ -50,12 +60,16 @@ absl::StatusOr<std::string> HashStore::Get(absl::string_view key,
 }
 
 absl::StatusOr<int64_t> HashStore::Add(absl::string_view key, int64_t delta) {
-  absl::MutexLock lock(&mu_);
-  auto it = data_.find(key);
-  absl::StatusOr<int64_t> result =
-      StoreAddToValue(key, it == data_.end() ? nullptr : &it->second, delta);
-  if (!result.ok()) return result.status();
-  data_[key] = absl::StrCat(*result);
+  absl::StatusOr<int64_t> result;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = data_.find(key);
+    result =
+        StoreAddToValue(key, it == data_.end() ? nullptr : &it->second, delta);
+    if (!result.ok()) return result.status();
+    data_[key] = absl::StrCat(*result);
+  }
+  changed_.notify_all();
   return result;
 }
 
@@ -68,12 +82,11 @@ bool HashStore::HasAll(absl::Span<const std::string> keys) const {
 
 absl::Status HashStore::Wait(absl::Span<const std::string> keys,
                              absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  auto all = [this, keys]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return HasAll(keys);
-  };
-  if (mu_.AwaitWithTimeout(absl::Condition(&all),
-                           std::max(timeout, absl::ZeroDuration()))) {
+  const auto deadline = StoreDeadlineFromNow(timeout);
+  std::unique_lock<std::mutex> lock(mu_);
+  if (changed_.wait_until(lock, deadline, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return HasAll(keys);
+      })) {
     return absl::OkStatus();
   }
   std::vector<absl::string_view> missing;
@@ -87,17 +100,17 @@ absl::Status HashStore::Wait(absl::Span<const std::string> keys,
 }
 
 absl::StatusOr<bool> HashStore::Check(absl::Span<const std::string> keys) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return HasAll(keys);
 }
 
 absl::StatusOr<bool> HashStore::Delete(absl::string_view key) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return data_.erase(key) > 0;
 }
 
 int64_t HashStore::NumKeys() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return static_cast<int64_t>(data_.size());
 }
 

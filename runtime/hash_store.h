@@ -2,8 +2,12 @@
 //
 // For ranks that are threads of one process: tests, the thread-per-rank
 // harness, single-process runs. Every method is thread-safe; Get and Wait
-// block on a condition of the map (no polling) and are bounded by their
+// block on a condition variable (no polling) and are bounded by their
 // timeout. Nothing ever fails with kUnavailable: the store is always there.
+//
+// The lock is std::mutex, not absl::Mutex: Debian's Abseil is a prebuilt,
+// uninstrumented shared library, so ThreadSanitizer cannot see absl::Mutex
+// and reports false races; std::mutex goes through pthread, which it sees.
 //
 // Example:
 //   tp::HashStore store;
@@ -13,7 +17,10 @@
 #ifndef TENSOR_PARALLEL_RUNTIME_HASH_STORE_H_
 #define TENSOR_PARALLEL_RUNTIME_HASH_STORE_H_
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -21,7 +28,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "runtime/store.h"
@@ -59,7 +65,8 @@ class HashStore : public Store {
   bool HasAll(absl::Span<const std::string> keys) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  mutable absl::Mutex mu_;
+  mutable std::mutex mu_;
+  std::condition_variable changed_;  // Notified when a key is added.
   absl::flat_hash_map<std::string, std::string> data_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -69,6 +76,12 @@ class HashStore : public Store {
 absl::StatusOr<int64_t> StoreAddToValue(absl::string_view key,
                                         const std::string* current,
                                         int64_t delta);
+
+// Shared by the store implementations: the steady-clock time `timeout` from
+// now, for condition-variable waits. Negative timeouts count as zero; very
+// long ones (e.g. absl::InfiniteDuration()) are capped at ten years.
+std::chrono::steady_clock::time_point StoreDeadlineFromNow(
+    absl::Duration timeout);
 
 }  // namespace tp
 

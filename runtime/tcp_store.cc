@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <list>
+#include <mutex>
 #include <thread>
 #include <utility>
 
@@ -230,7 +232,7 @@ bool ErrorToWire(const absl::Status& status, std::string* response) {
 // One thread accepts; each connection gets its own thread running a plain
 // blocking request/response loop. We chose threads over a poll() event loop
 // because requests block on the data (Get/Wait): with a thread per connection
-// a wait is one Mutex::AwaitWithTimeout and needs no waiter lists, timers or
+// a wait is one condition-variable wait and needs no waiter lists, timers or
 // partial-I/O state machines, so there is less code to get wrong. The number
 // of connections is about the number of ranks (plus a few per rank for
 // concurrent calls), small enough for one thread each; kMaxServerConnections
@@ -265,10 +267,12 @@ class TcpStore::Server {
   int port_ = 0;
   std::thread accept_thread_;
 
-  absl::Mutex conns_mu_;
+  // std::mutex rather than absl::Mutex: see runtime/hash_store.h (TSan).
+  std::mutex conns_mu_;
   std::list<Connection> conns_ ABSL_GUARDED_BY(conns_mu_);
 
-  absl::Mutex data_mu_;
+  std::mutex data_mu_;
+  std::condition_variable data_changed_;  // A key was added, or stopping_.
   absl::flat_hash_map<std::string, std::string> data_ ABSL_GUARDED_BY(data_mu_);
   bool stopping_ ABSL_GUARDED_BY(data_mu_) = false;
 };
@@ -345,9 +349,10 @@ absl::StatusOr<std::unique_ptr<TcpStore::Server>> TcpStore::Server::Start(
 
 TcpStore::Server::~Server() {
   {
-    absl::MutexLock lock(&data_mu_);
-    stopping_ = true;  // Wakes every Get/Wait; their connections then close.
+    std::lock_guard<std::mutex> lock(data_mu_);
+    stopping_ = true;  // Ends every Get/Wait; their connections then close.
   }
+  data_changed_.notify_all();
   if (accept_thread_.joinable()) {
     char byte = 0;
     while (write(wake_pipe_[1], &byte, 1) < 0 && errno == EINTR) {
@@ -361,7 +366,7 @@ TcpStore::Server::~Server() {
   // No new connections can appear now. shutdown() wakes each connection
   // thread blocked in poll()/recv(); join before close so that no thread
   // ever uses a closed (possibly reused) descriptor.
-  absl::MutexLock lock(&conns_mu_);
+  std::lock_guard<std::mutex> lock(conns_mu_);
   for (Connection& conn : conns_) shutdown(conn.fd, SHUT_RDWR);
   for (Connection& conn : conns_) {
     conn.thread.join();
@@ -404,7 +409,7 @@ void TcpStore::Server::AcceptLoop() {
       }
       continue;
     }
-    absl::MutexLock lock(&conns_mu_);
+    std::lock_guard<std::mutex> lock(conns_mu_);
     ReapFinished();
     if (conns_.size() >= static_cast<size_t>(kMaxServerConnections)) {
       LOG(ERROR) << "TcpStore server: refusing connection from "
@@ -526,12 +531,15 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
 
   const absl::Duration wait = absl::Microseconds(
       std::min(std::max<int64_t>(arg, 0), ToMicros(kMaxServerWait)));
-  absl::MutexLock lock(&data_mu_);
+  const auto deadline = StoreDeadlineFromNow(wait);
+  std::string value_copy;
+  if (static_cast<Op>(op_byte) == Op::kSet) value_copy.assign(value.data(), value.size());
+  std::unique_lock<std::mutex> lock(data_mu_);
   if (stopping_) {
     *reason = "server stopping";
     return false;
   }
-  const auto all_present = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(data_mu_) {
+  const auto all_present = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (stopping_) return true;
     for (absl::string_view k : keys) {
       if (!data_.contains(k)) return false;
@@ -540,12 +548,14 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
   };
   switch (static_cast<Op>(op_byte)) {
     case Op::kSet:
-      data_[key] = std::string(value);
+      data_[key] = std::move(value_copy);
+      lock.unlock();
+      data_changed_.notify_all();
       response->push_back(0);
       return true;
     case Op::kGet: {
       keys.assign(1, key);
-      if (!data_mu_.AwaitWithTimeout(absl::Condition(&all_present), wait)) {
+      if (!data_changed_.wait_until(lock, deadline, all_present)) {
         return ErrorToWire(
                    absl::DeadlineExceededError(absl::StrCat(
                        "TcpStore::Get: key '", key, "' not set within ",
@@ -566,12 +576,14 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
           key, it == data_.end() ? nullptr : &it->second, arg);
       if (!result.ok()) return ErrorToWire(result.status(), response);
       data_[key] = absl::StrCat(*result);
+      lock.unlock();
+      data_changed_.notify_all();
       response->push_back(0);
       PutI64(*response, *result);
       return true;
     }
     case Op::kWait: {
-      if (!data_mu_.AwaitWithTimeout(absl::Condition(&all_present), wait)) {
+      if (!data_changed_.wait_until(lock, deadline, all_present)) {
         std::vector<absl::string_view> missing;
         for (absl::string_view k : keys) {
           if (!data_.contains(k)) missing.push_back(k);
@@ -639,7 +651,7 @@ TcpStore::TcpStore(const TcpStoreOptions& options)
 
 TcpStore::~TcpStore() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     for (int fd : idle_fds_) close(fd);
     idle_fds_.clear();
   }
@@ -706,7 +718,7 @@ absl::StatusOr<int> TcpStore::Connect(absl::Duration timeout) {
 
 absl::StatusOr<int> TcpStore::AcquireConnection() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (!idle_fds_.empty()) {
       const int fd = idle_fds_.back();
       idle_fds_.pop_back();
@@ -717,7 +729,7 @@ absl::StatusOr<int> TcpStore::AcquireConnection() {
 }
 
 void TcpStore::ReleaseConnection(int fd) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (idle_fds_.size() < kMaxIdleConnections) {
     idle_fds_.push_back(fd);
   } else {

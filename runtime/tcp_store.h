@@ -48,6 +48,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -55,7 +56,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "runtime/store.h"
@@ -149,7 +149,7 @@ class TcpStore : public Store {
   TcpStoreOptions options_;
   int port_ = 0;
   std::unique_ptr<Server> server_;
-  absl::Mutex mu_;
+  std::mutex mu_;  // Not absl::Mutex: see runtime/hash_store.h (TSan).
   std::vector<int> idle_fds_ ABSL_GUARDED_BY(mu_);
 };
 
