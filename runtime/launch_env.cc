@@ -48,8 +48,8 @@ std::optional<std::string> Get(const EnvLookup& env, absl::string_view name) {
 absl::StatusOr<int> ParseInt(absl::string_view name, absl::string_view text) {
   int v = 0;
   if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &v)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, "='", text, "' is not an integer (rank discovery)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, "='", text, "' is not an integer (rank discovery)"));
   }
   return v;
 }
@@ -154,30 +154,29 @@ absl::StatusOr<LaunchEnv> Finish(Candidate c) {
         world.Describe(), " is out of range: the world size must be >= 1"));
   }
   if (rank.value < 0 || rank.value >= world.value) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(rank.Describe(), " is out of range: a rank must be in [0, ",
-                     world.Describe(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        rank.Describe(), " is out of range: a rank must be in [0, ",
+        world.Describe(), ")"));
   }
   if (!c.local_world_size.has_value()) {
     c.local_world_size =
         c.local_rank.has_value()
             ? Value{world.value, absl::StrCat("derived from ", world.name),
                     true}
-            : Value{world.value,
-                    absl::StrCat("one node assumed: ", world.name), true};
+            : Value{world.value, absl::StrCat("one node assumed: ", world.name),
+                    true};
   }
   const Value& local_world = *c.local_world_size;
   if (local_world.value < 1 || local_world.value > world.value) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        local_world.Describe(),
-        " is out of range: the local world size must be in [1, ",
-        world.Describe(), "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(local_world.Describe(),
+                     " is out of range: the local world size must be in [1, ",
+                     world.Describe(), "]"));
   }
   if (!c.local_rank.has_value()) {
-    c.local_rank =
-        Value{rank.value % local_world.value,
-              absl::StrCat("derived: ", rank.name, " % local world size"),
-              true};
+    c.local_rank = Value{
+        rank.value % local_world.value,
+        absl::StrCat("derived: ", rank.name, " % local world size"), true};
   }
   const Value& local_rank = *c.local_rank;
   if (local_rank.value < 0 || local_rank.value >= local_world.value) {
@@ -214,8 +213,8 @@ absl::Status ResolveMaster(const LaunchOverrides& overrides,
     out.master_addr = kDefaultMasterAddr;
   }
 
-  std::optional<Value> port = FromOverride(overrides.master_port,
-                                           "master_port");
+  std::optional<Value> port =
+      FromOverride(overrides.master_port, "master_port");
   if (!port.has_value()) {
     ASSIGN_OR_RETURN(port, GetInt(env, "MASTER_PORT"));
   }
@@ -330,9 +329,9 @@ absl::StatusOr<LaunchEnv> DiscoverLaunchEnv(const LaunchOverrides& overrides,
     chosen = std::move(c);
   }
   if (!chosen.has_value()) {
-    ASSIGN_OR_RETURN(chosen, ReadQuad(env, LaunchSource::kTorchrun, "RANK",
-                                      "WORLD_SIZE", "LOCAL_RANK",
-                                      "LOCAL_WORLD_SIZE"));
+    ASSIGN_OR_RETURN(
+        chosen, ReadQuad(env, LaunchSource::kTorchrun, "RANK", "WORLD_SIZE",
+                         "LOCAL_RANK", "LOCAL_WORLD_SIZE"));
   }
   if (!chosen.has_value()) {
     ASSIGN_OR_RETURN(
@@ -344,9 +343,9 @@ absl::StatusOr<LaunchEnv> DiscoverLaunchEnv(const LaunchOverrides& overrides,
     ASSIGN_OR_RETURN(chosen, ReadSlurm(env));
   }
   if (!chosen.has_value()) {
-    ASSIGN_OR_RETURN(chosen, ReadQuad(env, LaunchSource::kPmi, "PMI_RANK",
-                                      "PMI_SIZE", "MPI_LOCALRANKID",
-                                      "MPI_LOCALNRANKS"));
+    ASSIGN_OR_RETURN(chosen,
+                     ReadQuad(env, LaunchSource::kPmi, "PMI_RANK", "PMI_SIZE",
+                              "MPI_LOCALRANKID", "MPI_LOCALNRANKS"));
   }
   if (!chosen.has_value()) {
     Candidate c;

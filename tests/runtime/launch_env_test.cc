@@ -38,9 +38,12 @@ LaunchOverrides Explicit(int rank, int world) {
 }
 
 std::vector<GoodCase> GoodCases() {
-  const Env torchrun = {{"RANK", "5"},          {"WORLD_SIZE", "8"},
-                        {"LOCAL_RANK", "1"},    {"LOCAL_WORLD_SIZE", "4"},
-                        {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "1234"}};
+  const Env torchrun = {{"RANK", "5"},
+                        {"WORLD_SIZE", "8"},
+                        {"LOCAL_RANK", "1"},
+                        {"LOCAL_WORLD_SIZE", "4"},
+                        {"MASTER_ADDR", "node0"},
+                        {"MASTER_PORT", "1234"}};
   const Env ompi = {{"OMPI_COMM_WORLD_RANK", "3"},
                     {"OMPI_COMM_WORLD_SIZE", "6"},
                     {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
@@ -72,8 +75,7 @@ std::vector<GoodCase> GoodCases() {
 
   const LaunchSource kE = LaunchSource::kExplicit, kT = LaunchSource::kTorchrun,
                      kO = LaunchSource::kOpenMpi, kS = LaunchSource::kSlurm,
-                     kP = LaunchSource::kPmi,
-                     k1 = LaunchSource::kSingleProcess;
+                     kP = LaunchSource::kPmi, k1 = LaunchSource::kSingleProcess;
   return {
       {"Empty", {}, {}, {0, 1, 0, 1, "127.0.0.1", 29500, k1}},
       {"Torchrun", torchrun, {}, {5, 8, 1, 4, "node0", 1234, kT}},
@@ -151,8 +153,10 @@ std::vector<GoodCase> GoodCases() {
        merge({ompi, slurm, pmi}),
        {},
        {3, 6, 0, 3, "127.0.0.1", 29500, kO}},
-      {"SlurmBeatsPmi", merge({slurm, pmi}), {}, {7, 8, 3, 4, "127.0.0.1",
-                                                  29500, kS}},
+      {"SlurmBeatsPmi",
+       merge({slurm, pmi}),
+       {},
+       {7, 8, 3, 4, "127.0.0.1", 29500, kS}},
       {"ExplicitBeatsEverything",
        merge({torchrun, ompi, slurm, pmi}),
        Explicit(1, 2),
@@ -163,9 +167,10 @@ std::vector<GoodCase> GoodCases() {
        {2, 4, 0, 2, "10.1.2.3", 4000, kE}},
       // A lower-priority source is not read at all once a higher one is chosen.
       {"MalformedLowerSourceIgnored",
-       merge({torchrun, {{"OMPI_COMM_WORLD_RANK", "x"},
-                         {"SLURM_PROCID", "-1"},
-                         {"PMI_SIZE", "zero"}}}),
+       merge({torchrun,
+              {{"OMPI_COMM_WORLD_RANK", "x"},
+               {"SLURM_PROCID", "-1"},
+               {"PMI_SIZE", "zero"}}}),
        {},
        {5, 8, 1, 4, "node0", 1234, kT}},
       {"MasterOverridesRefineEnvSource",
@@ -201,11 +206,11 @@ TEST_P(DiscoverGoodTest, MatchesExpectedValues) {
       << LaunchSourceName(c.want.source);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Table, DiscoverGoodTest, ::testing::ValuesIn(GoodCases()),
-    [](const ::testing::TestParamInfo<GoodCase>& info) {
-      return info.param.name;
-    });
+INSTANTIATE_TEST_SUITE_P(Table, DiscoverGoodTest,
+                         ::testing::ValuesIn(GoodCases()),
+                         [](const ::testing::TestParamInfo<GoodCase>& info) {
+                           return info.param.name;
+                         });
 
 struct BadCase {
   std::string name;
@@ -389,11 +394,11 @@ TEST_P(DiscoverBadTest, InvalidArgumentNamingTheVariable) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Table, DiscoverBadTest, ::testing::ValuesIn(BadCases()),
-    [](const ::testing::TestParamInfo<BadCase>& info) {
-      return info.param.name;
-    });
+INSTANTIATE_TEST_SUITE_P(Table, DiscoverBadTest,
+                         ::testing::ValuesIn(BadCases()),
+                         [](const ::testing::TestParamInfo<BadCase>& info) {
+                           return info.param.name;
+                         });
 
 TEST(SlurmTasksOnNode, ExpandsCompressedLists) {
   // "2(x3),1,4(x2)" = nodes [2, 2, 2, 1, 4, 4].
@@ -407,8 +412,8 @@ TEST(SlurmTasksOnNode, ExpandsCompressedLists) {
   EXPECT_EQ(beyond.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SlurmTasksOnNode("V", "2", -1).status().code(),
             absl::StatusCode::kInvalidArgument);
-  for (const char* bad : {"", "x", "0", "2(x0)", "2(x)", "2(y3)", "2(x3", "-1",
-                          "2,,1"}) {
+  for (const char* bad :
+       {"", "x", "0", "2(x0)", "2(x)", "2(y3)", "2(x3", "-1", "2,,1"}) {
     absl::StatusOr<int> n = SlurmTasksOnNode("V", bad, 0);
     // "2,,1" fails only when the empty item is reached.
     if (std::string(bad) == "2,,1") n = SlurmTasksOnNode("V", bad, 1);
@@ -424,8 +429,8 @@ TEST(LaunchEnv, NamesAndDebugString) {
   EXPECT_EQ(LaunchSourceName(LaunchSource::kSlurm), "slurm");
   EXPECT_EQ(LaunchSourceName(LaunchSource::kPmi), "pmi");
   EXPECT_EQ(LaunchSourceName(LaunchSource::kSingleProcess), "single_process");
-  absl::StatusOr<LaunchEnv> env = DiscoverLaunchEnv(
-      {}, MapEnvLookup({{"RANK", "1"}, {"WORLD_SIZE", "4"}}));
+  absl::StatusOr<LaunchEnv> env =
+      DiscoverLaunchEnv({}, MapEnvLookup({{"RANK", "1"}, {"WORLD_SIZE", "4"}}));
   ASSERT_TRUE(env.ok()) << env.status();
   EXPECT_EQ(env->DebugString(),
             "rank 1/4 (local 1/4) master 127.0.0.1:29500 via torchrun");
@@ -451,9 +456,9 @@ TEST(LaunchEnv, DiscoversMpirunStyleProcessEnvironment) {
   ASSERT_EQ(setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1), 0);
   ASSERT_EQ(setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2", 1), 0);
   absl::StatusOr<LaunchEnv> env = DiscoverLaunchEnv();
-  for (const char* v : {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                        "OMPI_COMM_WORLD_LOCAL_RANK",
-                        "OMPI_COMM_WORLD_LOCAL_SIZE"}) {
+  for (const char* v :
+       {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"}) {
     unsetenv(v);
   }
   ASSERT_TRUE(env.ok()) << env.status();
