@@ -21,9 +21,9 @@ absl::Status Annotate(const absl::Status& s, absl::string_view layer) {
 absl::Status CheckCommon(absl::string_view layer, int64_t in, int64_t out,
                          DType dtype, const Communicator& comm) {
   if (in <= 0 || out <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(layer, ": in_features (", in, ") and out_features (", out,
-                     ") must be positive"));
+    return absl::InvalidArgumentError(absl::StrCat(layer, ": in_features (", in,
+                                                   ") and out_features (", out,
+                                                   ") must be positive"));
   }
   if (!IsFloatingPoint(dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -51,9 +51,9 @@ absl::StatusOr<Tensor> FlattenInput(absl::string_view layer,
                      ", the layer's is ", DTypeName(dtype)));
   }
   if (x.ndim() < 1 || x.dim(-1) != features) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        layer, ": ", what, " shape ", ShapeToString(x.shape()),
-        " must end in ", features, " features"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(layer, ": ", what, " shape ", ShapeToString(x.shape()),
+                     " must end in ", features, " features"));
   }
   const int64_t rows = x.numel() / features;
   return x.Contiguous().Reshape({rows, features});
@@ -113,9 +113,9 @@ ColumnParallelLinear::Create(Communicator& comm, Options options) {
                               options.dtype, comm));
   const int tp = comm.size();
   if (options.out_features % tp != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": out_features ", options.out_features,
-        " is not divisible by the tensor-parallel size ", tp));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": out_features ", options.out_features,
+                     " is not divisible by the tensor-parallel size ", tp));
   }
   if (options.sequence_parallel && options.gather_output) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -147,11 +147,12 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Forward(const Tensor& x) {
   // every rank without a collective.
   RETURN_IF_ERROR(
       FlattenInput(o.name, "input", x, o.in_features, o.dtype).status());
-  if (o.sequence_parallel && comm_.size() > 1 &&
-      x.ndim() < 2) {
+  if (o.sequence_parallel && comm_.size() > 1 && x.ndim() < 2) {
     return absl::InvalidArgumentError(absl::StrCat(
-        o.name, ": sequence_parallel needs an input of rank >= 2 split along "
-        "dim 0; got shape ", ShapeToString(x.shape())));
+        o.name,
+        ": sequence_parallel needs an input of rank >= 2 split along "
+        "dim 0; got shape ",
+        ShapeToString(x.shape())));
   }
   Tensor full_x = x;
   if (o.sequence_parallel) {
@@ -159,9 +160,8 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Forward(const Tensor& x) {
     RETURN_IF_ERROR(Annotate(gathered.status(), o.name));
     full_x = *std::move(gathered);
   }
-  ASSIGN_OR_RETURN(Tensor flat,
-                   FlattenInput(o.name, "input", full_x, o.in_features,
-                                o.dtype));
+  ASSIGN_OR_RETURN(Tensor flat, FlattenInput(o.name, "input", full_x,
+                                             o.in_features, o.dtype));
   ASSIGN_OR_RETURN(Tensor y, ops::MatMul(flat, weight_, false, true));
   if (o.bias && !o.skip_bias_add) {
     ASSIGN_OR_RETURN(y, ops::AddBias(y, bias_));
@@ -222,8 +222,11 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
 
 std::vector<ParameterShard> ColumnParallelLinear::parameters() const {
   std::vector<ParameterShard> out;
-  out.push_back({"weight", weight_, {options_.out_features, options_.in_features},
-                 0, out_offset_});
+  out.push_back({"weight",
+                 weight_,
+                 {options_.out_features, options_.in_features},
+                 0,
+                 out_offset_});
   if (options_.bias) {
     out.push_back({"bias", bias_, {options_.out_features}, 0, out_offset_});
   }
@@ -256,9 +259,9 @@ absl::StatusOr<std::unique_ptr<RowParallelLinear>> RowParallelLinear::Create(
                               options.dtype, comm));
   const int tp = comm.size();
   if (options.in_features % tp != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": in_features ", options.in_features,
-        " is not divisible by the tensor-parallel size ", tp));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": in_features ", options.in_features,
+                     " is not divisible by the tensor-parallel size ", tp));
   }
   if (options.sequence_parallel && !options.input_is_parallel) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -285,16 +288,16 @@ absl::StatusOr<std::unique_ptr<RowParallelLinear>> RowParallelLinear::Create(
 
 absl::StatusOr<Tensor> RowParallelLinear::Forward(const Tensor& x) {
   const Options& o = options_;
-  const int64_t expected_in =
-      o.input_is_parallel ? local_in_ : o.in_features;
-  RETURN_IF_ERROR(FlattenInput(o.name, "input", x, expected_in, o.dtype)
-                      .status());
+  const int64_t expected_in = o.input_is_parallel ? local_in_ : o.in_features;
+  RETURN_IF_ERROR(
+      FlattenInput(o.name, "input", x, expected_in, o.dtype).status());
   if (o.sequence_parallel && comm_.size() > 1 &&
       (x.ndim() < 2 || x.dim(0) % comm_.size() != 0)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        o.name, ": sequence_parallel needs an input of rank >= 2 whose dim 0 "
-        "divides by the tensor-parallel size ", comm_.size(), "; got shape ",
-        ShapeToString(x.shape())));
+        o.name,
+        ": sequence_parallel needs an input of rank >= 2 whose dim 0 "
+        "divides by the tensor-parallel size ",
+        comm_.size(), "; got shape ", ShapeToString(x.shape())));
   }
   Tensor xl = x;
   if (!o.input_is_parallel) {
@@ -361,8 +364,11 @@ absl::StatusOr<Tensor> RowParallelLinear::Backward(const Tensor& grad_out) {
 
 std::vector<ParameterShard> RowParallelLinear::parameters() const {
   std::vector<ParameterShard> out;
-  out.push_back({"weight", weight_, {options_.out_features, options_.in_features},
-                 1, in_offset_});
+  out.push_back({"weight",
+                 weight_,
+                 {options_.out_features, options_.in_features},
+                 1,
+                 in_offset_});
   if (options_.bias) {
     out.push_back({"bias", bias_, {options_.out_features}, -1, 0});
   }

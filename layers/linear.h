@@ -1,6 +1,7 @@
 // Tensor-parallel linear layers with Megatron-LM semantics.
 //
-// Naming (DESIGN.md, "Naming"): the weight is stored [out, in] and y = x W^T + b.
+// Naming (DESIGN.md, "Naming"): the weight is stored [out, in] and y = x W^T +
+// b.
 //   * ColumnParallelLinear splits the OUTPUT features: rank r holds rows
 //     [r * out/tp, (r + 1) * out/tp) of W and the same slice of b. Forward
 //     needs no communication (unless gather_output); its backward all-reduces
@@ -167,7 +168,7 @@ class ColumnParallelLinear {
   int64_t local_out_ = 0;
   int64_t out_offset_ = 0;
   Tensor weight_, bias_, weight_grad_, bias_grad_;
-  Tensor cached_input_;   // [tokens, in], gathered when sequence parallel
+  Tensor cached_input_;    // [tokens, in], gathered when sequence parallel
   Shape cached_in_shape_;  // x's shape as given to Forward
 };
 

@@ -31,8 +31,8 @@ absl::Status CheckSplittable(absl::string_view fn, const Communicator& comm,
   const int64_t n = t.dim(dim);
   if (n % comm.size() != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        fn, ": dimension ", dim, " of shape ", ShapeToString(t.shape()),
-        " is ", n, ", not divisible by the group size ", comm.size()));
+        fn, ": dimension ", dim, " of shape ", ShapeToString(t.shape()), " is ",
+        n, ", not divisible by the group size ", comm.size()));
   }
   return absl::OkStatus();
 }
@@ -176,8 +176,7 @@ absl::StatusOr<Tensor> GatherFromSequenceParallel::Backward(
 
 absl::StatusOr<Tensor> ReduceScatterToSequenceParallel::Forward(
     Communicator& comm, const Tensor& x) {
-  return ReduceScatterDim0("ReduceScatterToSequenceParallel::Forward", comm,
-                           x);
+  return ReduceScatterDim0("ReduceScatterToSequenceParallel::Forward", comm, x);
 }
 
 absl::StatusOr<Tensor> ReduceScatterToSequenceParallel::Backward(

@@ -44,10 +44,10 @@ absl::StatusOr<std::vector<int64_t>> ReadCheckedIds(absl::string_view name,
   ASSIGN_OR_RETURN(std::vector<int64_t> v, as64.ToVector<int64_t>());
   for (size_t i = 0; i < v.size(); ++i) {
     if (v[i] < 0 || v[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, ": token id ", v[i], " at position ", i, " of ", what, " ",
-          ShapeToString(ids.shape()), " is outside the vocabulary [0, ", vocab,
-          ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": token id ", v[i], " at position ", i, " of ",
+                       what, " ", ShapeToString(ids.shape()),
+                       " is outside the vocabulary [0, ", vocab, ")"));
     }
   }
   return v;
@@ -76,14 +76,15 @@ VocabParallelEmbedding::Create(Communicator& comm, Options options) {
         options.hidden_size, ") must be positive"));
   }
   if (!IsFloatingPoint(options.dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": dtype ", DTypeName(options.dtype), " is not a floating dtype"));
+    return absl::InvalidArgumentError(absl::StrCat(name, ": dtype ",
+                                                   DTypeName(options.dtype),
+                                                   " is not a floating dtype"));
   }
   const int tp = comm.size();
   if (tp < 1 || options.vocab_size % tp != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, ": vocab_size ", options.vocab_size,
-        " is not divisible by the tensor-parallel size ", tp));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": vocab_size ", options.vocab_size,
+                     " is not divisible by the tensor-parallel size ", tp));
   }
   std::unique_ptr<VocabParallelEmbedding> layer(
       new VocabParallelEmbedding(comm, std::move(options)));
@@ -105,9 +106,11 @@ absl::StatusOr<Tensor> VocabParallelEmbedding::Forward(const Tensor& ids) {
   const int tp = comm_.size();
   if (o.sequence_parallel && tp > 1 &&
       (ids.ndim() < 1 || ids.dim(0) % tp != 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        o.name, ": sequence_parallel needs ids whose dim 0 divides by the "
-        "tensor-parallel size ", tp, "; got shape ", ShapeToString(ids.shape())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(o.name,
+                     ": sequence_parallel needs ids whose dim 0 divides by the "
+                     "tensor-parallel size ",
+                     tp, "; got shape ", ShapeToString(ids.shape())));
   }
   const int64_t n = static_cast<int64_t>(v.size());
   // Local rows; ids owned by another rank point at the sentinel row
@@ -123,10 +126,12 @@ absl::StatusOr<Tensor> VocabParallelEmbedding::Forward(const Tensor& ids) {
   ASSIGN_OR_RETURN(Tensor lookup_t,
                    Tensor::FromVector<int64_t>(lookup, Shape{n}));
   ASSIGN_OR_RETURN(Tensor out, ops::Embedding(weight_, lookup_t));  // [n, H]
-  const size_t row_bytes = static_cast<size_t>(o.hidden_size) * out.element_size();
+  const size_t row_bytes =
+      static_cast<size_t>(o.hidden_size) * out.element_size();
   char* base = static_cast<char*>(out.raw_data());
   for (int64_t i = 0; i < n; ++i) {
-    if (local[i] == local_vocab_) std::memset(base + i * row_bytes, 0, row_bytes);
+    if (local[i] == local_vocab_)
+      std::memset(base + i * row_bytes, 0, row_bytes);
   }
   Shape out_shape = ids.shape();
   out_shape.push_back(o.hidden_size);
@@ -167,8 +172,8 @@ absl::Status VocabParallelEmbedding::Backward(const Tensor& grad_out) {
     RETURN_IF_ERROR(Annotate(gathered.status(), o.name));
     g = *std::move(gathered);
   }
-  ASSIGN_OR_RETURN(Tensor g2,
-                   g.Contiguous().Reshape({cached_ids_.numel(), o.hidden_size}));
+  ASSIGN_OR_RETURN(
+      Tensor g2, g.Contiguous().Reshape({cached_ids_.numel(), o.hidden_size}));
   ASSIGN_OR_RETURN(Tensor dtable,
                    ops::EmbeddingBackward(g2, cached_ids_, local_vocab_ + 1));
   ASSIGN_OR_RETURN(Tensor owned, dtable.Narrow(0, 0, local_vocab_));
@@ -178,7 +183,10 @@ absl::Status VocabParallelEmbedding::Backward(const Tensor& grad_out) {
 }
 
 std::vector<ParameterShard> VocabParallelEmbedding::parameters() const {
-  return {{"weight", weight_, {options_.vocab_size, options_.hidden_size}, 0,
+  return {{"weight",
+           weight_,
+           {options_.vocab_size, options_.hidden_size},
+           0,
            vocab_start_}};
 }
 
@@ -274,7 +282,8 @@ absl::StatusOr<double> VocabParallelCrossEntropy::Forward(
   if (!logits.defined() || !IsFloatingPoint(logits.dtype()) ||
       logits.ndim() < 1 || logits.dim(-1) < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        name_, ": logits must be a floating tensor [..., vocab/tp] with "
+        name_,
+        ": logits must be a floating tensor [..., vocab/tp] with "
         "vocab/tp >= 1, got ",
         logits.defined() ? absl::StrCat(DTypeName(logits.dtype()), " ",
                                         ShapeToString(logits.shape()))
@@ -290,10 +299,10 @@ absl::StatusOr<double> VocabParallelCrossEntropy::Forward(
   ASSIGN_OR_RETURN(std::vector<int64_t> tgt,
                    ReadCheckedIds(name_, "targets", targets, vocab));
   if (static_cast<int64_t>(tgt.size()) != tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name_, ": targets ", ShapeToString(targets.shape()), " hold ",
-        tgt.size(), " ids for ", tokens, " tokens of logits ",
-        ShapeToString(logits.shape())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name_, ": targets ", ShapeToString(targets.shape()),
+                     " hold ", tgt.size(), " ids for ", tokens,
+                     " tokens of logits ", ShapeToString(logits.shape())));
   }
   const int64_t start = comm_.rank() * local_vocab;
   std::vector<int64_t> local_target(tokens);

@@ -95,7 +95,7 @@ class VocabParallelEmbedding {
   std::vector<ParameterShard> grads() const;
   void ZeroGrad();
 
-  const Tensor& weight() const { return weight_; }        // [V/tp, H]
+  const Tensor& weight() const { return weight_; }  // [V/tp, H]
   const Tensor& weight_grad() const { return weight_grad_; }
   const Options& options() const { return options_; }
   int64_t vocab_start() const { return vocab_start_; }
@@ -119,9 +119,8 @@ class VocabParallelEmbedding {
 class VocabParallelCrossEntropy {
  public:
   // `comm` is borrowed and must outlive the object.
-  explicit VocabParallelCrossEntropy(Communicator& comm,
-                                     std::string name =
-                                         "VocabParallelCrossEntropy");
+  explicit VocabParallelCrossEntropy(
+      Communicator& comm, std::string name = "VocabParallelCrossEntropy");
 
   // logits: [T, V/tp] (or [..., V/tp], leading dims flattened into T) of a
   // floating dtype; targets: int32/int64 with T elements (any shape), ids in
