@@ -29,6 +29,7 @@ absl::StatusOr<int> ParseIntVar(absl::string_view name, const std::string& v,
 
 absl::StatusOr<std::shared_ptr<Store>> OpenStore(
     const TensorParallelConfig& config, const LaunchEnv& env) {
+  if (config.store != nullptr) return config.store;
   if (!config.store_path.empty()) {
     FileStoreOptions options;
     options.path = config.store_path;

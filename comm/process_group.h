@@ -55,6 +55,11 @@ struct TensorParallelConfig {
   // Non-empty: rendezvous through a FileStore in this directory instead of
   // the TCP store. Default empty. Env: TP_STORE_PATH.
   std::string store_path;
+  // When set, the rendezvous store to use instead of opening a TCP or file
+  // store (as c10d's init_process_group(store=...)): e.g. a HashStore shared
+  // by threads in tests, or a store the application already runs. Default
+  // null. Not read from the environment.
+  std::shared_ptr<Store> store;
   // Colon-separated shared libraries loaded before the backend is chosen.
   // Default empty. Env: TP_BACKEND_PLUGINS.
   std::string backend_plugins;
