@@ -51,7 +51,8 @@ absl::StatusOr<Row> Measure(
     }
     if (i < o.warmup_ops) continue;
     if (!*right) ++row.wrong;
-    us.push_back(std::chrono::duration<double, std::micro>(end - start).count());
+    us.push_back(
+        std::chrono::duration<double, std::micro>(end - start).count());
   }
   std::sort(us.begin(), us.end());
   row.median_us = us[us.size() / 2];
@@ -120,9 +121,8 @@ absl::Status RunTcpStoreLatency(const TcpStoreLatencyOptions& options,
       options.value_bytes > TcpStore::kMaxValueBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         "RunTcpStoreLatency: need num_ops >= 1 (got ", options.num_ops,
-        "), warmup_ops >= 0 (got ", options.warmup_ops,
-        "), value_bytes <= ", TcpStore::kMaxValueBytes, " (got ",
-        options.value_bytes, ")"));
+        "), warmup_ops >= 0 (got ", options.warmup_ops, "), value_bytes <= ",
+        TcpStore::kMaxValueBytes, " (got ", options.value_bytes, ")"));
   }
   TcpStoreOptions server_options;
   server_options.host = "127.0.0.1";
@@ -149,39 +149,44 @@ absl::Status RunTcpStoreLatency(const TcpStoreLatencyOptions& options,
   const auto key_of = [](int64_t i) { return absl::StrCat("bench/", i % 64); };
   std::vector<Row> rows;
   int64_t last_set = -1;
-  ASSIGN_OR_RETURN(Row set, Measure("set", n, options, [&](int64_t i)
-                                        -> absl::StatusOr<bool> {
-    RETURN_IF_ERROR(client->Set(key_of(i), value_of(i)));
-    last_set = i;
-    return true;
-  }));
+  ASSIGN_OR_RETURN(
+      Row set,
+      Measure("set", n, options, [&](int64_t i) -> absl::StatusOr<bool> {
+        RETURN_IF_ERROR(client->Set(key_of(i), value_of(i)));
+        last_set = i;
+        return true;
+      }));
   rows.push_back(set);
   // Get reads keys the set loop wrote in its last 64 iterations (each slot's
   // final value) and compares with that exact value.
-  ASSIGN_OR_RETURN(Row get, Measure("get", n, options, [&](int64_t i)
-                                        -> absl::StatusOr<bool> {
-    const int64_t j = last_set - i % std::min<int64_t>(64, last_set + 1);
-    ASSIGN_OR_RETURN(std::string v, client->Get(key_of(j), absl::Seconds(30)));
-    return v == value_of(j);
-  }));
+  ASSIGN_OR_RETURN(
+      Row get,
+      Measure("get", n, options, [&](int64_t i) -> absl::StatusOr<bool> {
+        const int64_t j = last_set - i % std::min<int64_t>(64, last_set + 1);
+        ASSIGN_OR_RETURN(std::string v,
+                         client->Get(key_of(j), absl::Seconds(30)));
+        return v == value_of(j);
+      }));
   rows.push_back(get);
-  ASSIGN_OR_RETURN(Row add, Measure("add", 8, options, [&](int64_t i)
-                                        -> absl::StatusOr<bool> {
-    ASSIGN_OR_RETURN(int64_t v, client->Add("bench/counter", 1));
-    return v == i + 1;
-  }));
+  ASSIGN_OR_RETURN(
+      Row add,
+      Measure("add", 8, options, [&](int64_t i) -> absl::StatusOr<bool> {
+        ASSIGN_OR_RETURN(int64_t v, client->Add("bench/counter", 1));
+        return v == i + 1;
+      }));
   rows.push_back(add);
   const std::vector<std::string> present = {"bench/0", "bench/1"};
-  ASSIGN_OR_RETURN(Row check, Measure("check", 0, options, [&](int64_t)
-                                          -> absl::StatusOr<bool> {
-    return client->Check(present);
-  }));
+  ASSIGN_OR_RETURN(Row check, Measure("check", 0, options,
+                                      [&](int64_t) -> absl::StatusOr<bool> {
+                                        return client->Check(present);
+                                      }));
   rows.push_back(check);
-  ASSIGN_OR_RETURN(Row wait, Measure("wait", 0, options, [&](int64_t)
-                                         -> absl::StatusOr<bool> {
-    RETURN_IF_ERROR(client->Wait(present, absl::Seconds(30)));
-    return true;
-  }));
+  ASSIGN_OR_RETURN(
+      Row wait,
+      Measure("wait", 0, options, [&](int64_t) -> absl::StatusOr<bool> {
+        RETURN_IF_ERROR(client->Wait(present, absl::Seconds(30)));
+        return true;
+      }));
   rows.push_back(wait);
 
   // Reference: a raw TCP echo of a frame the size of a set request.
@@ -219,10 +224,11 @@ absl::Status RunTcpStoreLatency(const TcpStoreLatencyOptions& options,
   RETURN_IF_ERROR(echo_row.status());
   rows.push_back(*echo_row);
 
-  out << absl::StrFormat("# TcpStore round trip over loopback (server thread "
-                         "in this process, separate client), %d timed ops "
-                         "after %d warm-up\n",
-                         options.num_ops, options.warmup_ops);
+  out << absl::StrFormat(
+      "# TcpStore round trip over loopback (server thread "
+      "in this process, separate client), %d timed ops "
+      "after %d warm-up\n",
+      options.num_ops, options.warmup_ops);
   out << absl::StrFormat("%-16s %8s %8s %10s %10s %7s\n", "op", "count",
                          "bytes", "median_us", "p99_us", "#wrong");
   int64_t wrong = 0;

@@ -25,8 +25,8 @@ namespace {
 
 absl::Status ErrnoError(absl::string_view what, const std::string& path,
                         int err) {
-  return absl::InternalError(absl::StrCat("FileStore: ", what, " '", path,
-                                          "': ", std::strerror(err)));
+  return absl::InternalError(
+      absl::StrCat("FileStore: ", what, " '", path, "': ", std::strerror(err)));
 }
 
 // A name part that differs between processes and hosts, for temporaries.
@@ -120,17 +120,17 @@ absl::StatusOr<std::unique_ptr<FileStore>> FileStore::Create(
   std::error_code ec;
   std::filesystem::create_directories(options.path, ec);
   if (ec) {
-    return absl::InternalError(absl::StrCat("FileStore::Create: cannot create '",
-                                            options.path, "': ", ec.message()));
+    return absl::InternalError(
+        absl::StrCat("FileStore::Create: cannot create '", options.path,
+                     "': ", ec.message()));
   }
   struct stat st;
   if (stat(options.path.c_str(), &st) != 0) {
     return ErrnoError("cannot stat", options.path, errno);
   }
   if (!S_ISDIR(st.st_mode)) {
-    return absl::InternalError(absl::StrCat("FileStore::Create: '",
-                                            options.path,
-                                            "' is not a directory"));
+    return absl::InternalError(absl::StrCat(
+        "FileStore::Create: '", options.path, "' is not a directory"));
   }
   if (access(options.path.c_str(), W_OK | X_OK) != 0) {
     return ErrnoError("directory not writable", options.path, errno);
@@ -225,7 +225,8 @@ absl::Status FileStore::Set(absl::string_view key, absl::string_view value) {
 absl::StatusOr<std::string> FileStore::Get(absl::string_view key,
                                            absl::Duration timeout) {
   ASSIGN_OR_RETURN(std::string path, KeyPath(key));
-  const absl::Time deadline = absl::Now() + std::max(timeout, absl::ZeroDuration());
+  const absl::Time deadline =
+      absl::Now() + std::max(timeout, absl::ZeroDuration());
   absl::Duration backoff = absl::Milliseconds(1);
   while (true) {
     absl::StatusOr<std::string> value = ReadFile(path);
@@ -249,9 +250,9 @@ absl::StatusOr<int64_t> FileStore::Add(absl::string_view key, int64_t delta) {
   if (!current.ok() && !absl::IsNotFound(current.status())) {
     return current.status();
   }
-  ASSIGN_OR_RETURN(int64_t result,
-                   StoreAddToValue(key, current.ok() ? &*current : nullptr,
-                                   delta));
+  ASSIGN_OR_RETURN(
+      int64_t result,
+      StoreAddToValue(key, current.ok() ? &*current : nullptr, delta));
   RETURN_IF_ERROR(WriteAtomically(path, absl::StrCat(result)));
   return result;
 }
@@ -264,7 +265,8 @@ absl::Status FileStore::Wait(absl::Span<const std::string> keys,
     ASSIGN_OR_RETURN(std::string path, KeyPath(key));
     paths.push_back(std::move(path));
   }
-  const absl::Time deadline = absl::Now() + std::max(timeout, absl::ZeroDuration());
+  const absl::Time deadline =
+      absl::Now() + std::max(timeout, absl::ZeroDuration());
   absl::Duration backoff = absl::Milliseconds(1);
   while (true) {
     std::vector<absl::string_view> missing;
@@ -278,9 +280,10 @@ absl::Status FileStore::Wait(absl::Span<const std::string> keys,
     if (missing.empty()) return absl::OkStatus();
     const absl::Time now = absl::Now();
     if (now >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "FileStore::Wait: keys not set within ", absl::FormatDuration(timeout),
-          " in '", options_.path, "': ", absl::StrJoin(missing, ", ")));
+      return absl::DeadlineExceededError(
+          absl::StrCat("FileStore::Wait: keys not set within ",
+                       absl::FormatDuration(timeout), " in '", options_.path,
+                       "': ", absl::StrJoin(missing, ", ")));
     }
     absl::SleepFor(std::min(backoff, deadline - now));
     backoff = std::min(backoff * 2, options_.max_poll_interval);

@@ -32,8 +32,7 @@ std::chrono::steady_clock::time_point StoreDeadlineFromNow(
     absl::Duration timeout) {
   const absl::Duration capped = std::min(
       std::max(timeout, absl::ZeroDuration()), absl::Hours(24 * 365 * 10));
-  return std::chrono::steady_clock::now() +
-         absl::ToChronoNanoseconds(capped);
+  return std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(capped);
 }
 
 absl::Status HashStore::Set(absl::string_view key, absl::string_view value) {
@@ -49,9 +48,10 @@ absl::StatusOr<std::string> HashStore::Get(absl::string_view key,
                                            absl::Duration timeout) {
   const auto deadline = StoreDeadlineFromNow(timeout);
   std::unique_lock<std::mutex> lock(mu_);
-  if (!changed_.wait_until(lock, deadline, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return data_.contains(key);
-      })) {
+  if (!changed_.wait_until(lock, deadline,
+                           [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                             return data_.contains(key);
+                           })) {
     return absl::DeadlineExceededError(
         absl::StrCat("HashStore::Get: key '", key, "' not set within ",
                      absl::FormatDuration(timeout)));
@@ -93,10 +93,9 @@ absl::Status HashStore::Wait(absl::Span<const std::string> keys,
   for (const std::string& key : keys) {
     if (!data_.contains(key)) missing.push_back(key);
   }
-  return absl::DeadlineExceededError(
-      absl::StrCat("HashStore::Wait: keys not set within ",
-                   absl::FormatDuration(timeout), ": ",
-                   absl::StrJoin(missing, ", ")));
+  return absl::DeadlineExceededError(absl::StrCat(
+      "HashStore::Wait: keys not set within ", absl::FormatDuration(timeout),
+      ": ", absl::StrJoin(missing, ", ")));
 }
 
 absl::StatusOr<bool> HashStore::Check(absl::Span<const std::string> keys) {

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -37,6 +38,8 @@ constexpr uint32_t kMagic = 0x31535054;  // "TPS1" read as little-endian.
 constexpr absl::Duration kServerIoTimeout = absl::Seconds(30);
 // Longest wait the server honours in one Get/Wait request.
 constexpr absl::Duration kMaxServerWait = absl::Hours(24 * 30);
+// Why a connection closes when the server shuts down (not an error).
+constexpr char kStopping[] = "server stopping";
 // Idle client connections kept for reuse.
 constexpr size_t kMaxIdleConnections = 4;
 
@@ -314,7 +317,8 @@ absl::StatusOr<std::unique_ptr<TcpStore::Server>> TcpStore::Server::Start(
     if (a->ai_family == AF_INET6) {
       setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
     }
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0) {
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 ||
+        listen(fd, SOMAXCONN) != 0) {
       last_error = std::strerror(errno);
       close(fd);
       continue;
@@ -324,9 +328,9 @@ absl::StatusOr<std::unique_ptr<TcpStore::Server>> TcpStore::Server::Start(
   }
   freeaddrinfo(addrs);
   if (server->listen_fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("TcpStore: cannot listen on '", bind_host, ":", port,
-                     "': ", last_error));
+    return absl::UnavailableError(absl::StrCat("TcpStore: cannot listen on '",
+                                               bind_host, ":", port,
+                                               "': ", last_error));
   }
   sockaddr_storage addr;
   socklen_t len = sizeof(addr);
@@ -389,7 +393,8 @@ void TcpStore::Server::ReapFinished() {
 
 void TcpStore::Server::AcceptLoop() {
   while (true) {
-    struct pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_pipe_[0], POLLIN, 0}};
+    struct pollfd fds[2] = {{listen_fd_, POLLIN, 0},
+                            {wake_pipe_[0], POLLIN, 0}};
     const int rc = poll(fds, 2, -1);
     if (rc < 0) {
       if (errno == EINTR) continue;
@@ -412,8 +417,8 @@ void TcpStore::Server::AcceptLoop() {
     std::lock_guard<std::mutex> lock(conns_mu_);
     ReapFinished();
     if (conns_.size() >= static_cast<size_t>(kMaxServerConnections)) {
-      LOG(ERROR) << "TcpStore server: refusing connection from "
-                 << PeerName(fd) << ": " << kMaxServerConnections
+      LOG(ERROR) << "TcpStore server: refusing connection from " << PeerName(fd)
+                 << ": " << kMaxServerConnections
                  << " connections already open";
       close(fd);
       continue;
@@ -427,7 +432,14 @@ void TcpStore::Server::AcceptLoop() {
     conns_.emplace_back();
     Connection* conn = &conns_.back();
     conn->fd = fd;
-    conn->thread = std::thread([this, conn] { Serve(conn); });
+    try {
+      conn->thread = std::thread([this, conn] { Serve(conn); });
+    } catch (const std::system_error& e) {  // Out of threads: refuse, survive.
+      LOG(ERROR) << "TcpStore server: refusing connection from " << PeerName(fd)
+                 << ": cannot start a thread: " << e.what();
+      close(fd);
+      conns_.pop_back();
+    }
   }
 }
 
@@ -457,7 +469,8 @@ void TcpStore::Server::Serve(Connection* conn) {
           response.assign(4, '\0');  // Length, filled in below.
           if (Handle(payload, &response, &reason)) {
             const uint32_t n = static_cast<uint32_t>(response.size() - 4);
-            for (int i = 0; i < 4; ++i) response[i] = static_cast<char>(n >> (8 * i));
+            for (int i = 0; i < 4; ++i)
+              response[i] = static_cast<char>(n >> (8 * i));
             s = SendAll(fd, response, absl::Now() + kServerIoTimeout);
             if (s.ok()) continue;
           }
@@ -465,9 +478,12 @@ void TcpStore::Server::Serve(Connection* conn) {
       }
     }
     if (reason.empty() && !s.ok()) reason = std::string(s.message());
-    if (!reason.empty()) {
-      LOG(ERROR) << "TcpStore server: closing connection from "
-                 << PeerName(fd) << ": " << reason;
+    if (reason == kStopping) {
+      VLOG(1) << "TcpStore server: closing connection from " << PeerName(fd)
+              << ": " << reason;
+    } else if (!reason.empty()) {
+      LOG(ERROR) << "TcpStore server: closing connection from " << PeerName(fd)
+                 << ": " << reason;
     }
     break;
   }
@@ -533,10 +549,11 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
       std::min(std::max<int64_t>(arg, 0), ToMicros(kMaxServerWait)));
   const auto deadline = StoreDeadlineFromNow(wait);
   std::string value_copy;
-  if (static_cast<Op>(op_byte) == Op::kSet) value_copy.assign(value.data(), value.size());
+  if (static_cast<Op>(op_byte) == Op::kSet)
+    value_copy.assign(value.data(), value.size());
   std::unique_lock<std::mutex> lock(data_mu_);
   if (stopping_) {
-    *reason = "server stopping";
+    *reason = kStopping;
     return false;
   }
   const auto all_present = [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -556,14 +573,13 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
     case Op::kGet: {
       keys.assign(1, key);
       if (!data_changed_.wait_until(lock, deadline, all_present)) {
-        return ErrorToWire(
-                   absl::DeadlineExceededError(absl::StrCat(
-                       "TcpStore::Get: key '", key, "' not set within ",
-                       absl::FormatDuration(wait))),
-                   response);
+        return ErrorToWire(absl::DeadlineExceededError(absl::StrCat(
+                               "TcpStore::Get: key '", key, "' not set within ",
+                               absl::FormatDuration(wait))),
+                           response);
       }
       if (stopping_) {
-        *reason = "server stopping";
+        *reason = kStopping;
         return false;
       }
       response->push_back(0);
@@ -572,8 +588,8 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
     }
     case Op::kAdd: {
       auto it = data_.find(key);
-      absl::StatusOr<int64_t> result = StoreAddToValue(
-          key, it == data_.end() ? nullptr : &it->second, arg);
+      absl::StatusOr<int64_t> result =
+          StoreAddToValue(key, it == data_.end() ? nullptr : &it->second, arg);
       if (!result.ok()) return ErrorToWire(result.status(), response);
       data_[key] = absl::StrCat(*result);
       lock.unlock();
@@ -595,7 +611,7 @@ bool TcpStore::Server::Handle(absl::string_view payload, std::string* response,
                            response);
       }
       if (stopping_) {
-        *reason = "server stopping";
+        *reason = kStopping;
         return false;
       }
       response->push_back(0);
@@ -675,9 +691,9 @@ absl::StatusOr<int> TcpStore::Connect(absl::Duration timeout) {
     }
     for (addrinfo* a = gai == 0 ? addrs : nullptr; a != nullptr;
          a = a->ai_next) {
-      const int fd = socket(a->ai_family,
-                            a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
-                            a->ai_protocol);
+      const int fd =
+          socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                 a->ai_protocol);
       if (fd < 0) {
         last_error = std::strerror(errno);
         continue;
@@ -794,10 +810,9 @@ namespace {
 
 absl::Status CheckKey(absl::string_view key) {
   if (key.size() > TcpStore::kMaxKeyBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("TcpStore: key of ", key.size(),
-                     " bytes exceeds the limit of ", TcpStore::kMaxKeyBytes,
-                     " (key '", key.substr(0, 64), "...')"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TcpStore: key of ", key.size(), " bytes exceeds the limit of ",
+        TcpStore::kMaxKeyBytes, " (key '", key.substr(0, 64), "...')"));
   }
   return absl::OkStatus();
 }
@@ -852,7 +867,8 @@ absl::Status TcpStore::Set(absl::string_view key, absl::string_view value) {
   std::string request = BeginRequest(Op::kSet);
   PutStr(request, key);
   PutStr(request, value);
-  ASSIGN_OR_RETURN(Response r, Call(FinishRequest(request), absl::ZeroDuration()));
+  ASSIGN_OR_RETURN(Response r,
+                   Call(FinishRequest(request), absl::ZeroDuration()));
   if (!r.payload.empty()) return Malformed();
   return absl::OkStatus();
 }
@@ -876,7 +892,8 @@ absl::StatusOr<int64_t> TcpStore::Add(absl::string_view key, int64_t delta) {
   std::string request = BeginRequest(Op::kAdd);
   PutStr(request, key);
   PutI64(request, delta);
-  ASSIGN_OR_RETURN(Response r, Call(FinishRequest(request), absl::ZeroDuration()));
+  ASSIGN_OR_RETURN(Response r,
+                   Call(FinishRequest(request), absl::ZeroDuration()));
   Reader in(r.payload);
   int64_t value = 0;
   if (!in.I64(&value) || !in.AtEnd()) return Malformed();
@@ -901,7 +918,8 @@ absl::StatusOr<bool> TcpStore::Check(absl::Span<const std::string> keys) {
   std::string request = BeginRequest(Op::kCheck);
   PutU32(request, static_cast<uint32_t>(keys.size()));
   for (const std::string& key : keys) PutStr(request, key);
-  ASSIGN_OR_RETURN(Response r, Call(FinishRequest(request), absl::ZeroDuration()));
+  ASSIGN_OR_RETURN(Response r,
+                   Call(FinishRequest(request), absl::ZeroDuration()));
   if (r.payload.size() != 1) return Malformed();
   return r.payload[0] != 0;
 }
@@ -910,7 +928,8 @@ absl::StatusOr<bool> TcpStore::Delete(absl::string_view key) {
   RETURN_IF_ERROR(CheckKey(key));
   std::string request = BeginRequest(Op::kDelete);
   PutStr(request, key);
-  ASSIGN_OR_RETURN(Response r, Call(FinishRequest(request), absl::ZeroDuration()));
+  ASSIGN_OR_RETURN(Response r,
+                   Call(FinishRequest(request), absl::ZeroDuration()));
   if (r.payload.size() != 1) return Malformed();
   return r.payload[0] != 0;
 }

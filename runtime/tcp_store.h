@@ -94,9 +94,9 @@ struct TcpStoreOptions {
 class TcpStore : public Store {
  public:
   // Protocol limits (see the file comment).
-  static constexpr size_t kMaxKeyBytes = 4 << 10;             // 4 KiB
-  static constexpr size_t kMaxValueBytes = 64 << 20;          // 64 MiB
-  static constexpr size_t kMaxKeysPerRequest = 1 << 16;       // 65536
+  static constexpr size_t kMaxKeyBytes = 4 << 10;        // 4 KiB
+  static constexpr size_t kMaxValueBytes = 64 << 20;     // 64 MiB
+  static constexpr size_t kMaxKeysPerRequest = 1 << 16;  // 65536
   static constexpr size_t kMaxFrameBytes = kMaxValueBytes + (1 << 20);
   // Connections the server serves at once; more are refused (closed).
   static constexpr int kMaxServerConnections = 4096;

@@ -23,9 +23,10 @@ TEST(StoreLatencyTest, PrintsOneCheckedRowPerOperation) {
   const std::string table = out.str();
   for (const char* op : {"set", "get", "add", "check", "wait", "tcp_echo"}) {
     // op, count 100, bytes, median, p99, zero wrong.
-    EXPECT_THAT(table, MatchesRegex(absl::StrCat(
-                           "(.|\n)*\n", op,
-                           "[ a-z()]* +100 +[0-9]+ +[0-9.]+ +[0-9.]+ +0\n(.|\n)*")))
+    EXPECT_THAT(table,
+                MatchesRegex(absl::StrCat(
+                    "(.|\n)*\n", op,
+                    "[ a-z()]* +100 +[0-9]+ +[0-9.]+ +[0-9.]+ +0\n(.|\n)*")))
         << table;
   }
   EXPECT_THAT(table, HasSubstr("median_us"));

@@ -53,17 +53,21 @@ std::string Env(const char* name) {
 
 std::string TempDir(absl::string_view name) {
   static std::atomic<int> counter{0};
-  const std::string base = Env("TEST_TMPDIR").empty() ? "/tmp" : Env("TEST_TMPDIR");
-  return absl::StrCat(base, "/", name, ".", getpid(), ".", counter.fetch_add(1));
+  const std::string base =
+      Env("TEST_TMPDIR").empty() ? "/tmp" : Env("TEST_TMPDIR");
+  return absl::StrCat(base, "/", name, ".", getpid(), ".",
+                      counter.fetch_add(1));
 }
 
-// ---- Child side ------------------------------------------------------------------
+// ---- Child side
+// ------------------------------------------------------------------
 
 // What one rank does: announce itself, wait for everyone, add to a shared
 // counter, then a barrier (every rank's "done" key) after which the counter
 // must be complete. Returns a non-OK status describing the first failure.
 absl::Status RendezvousRank(Store& store, int rank) {
-  absl::Status s = store.Set(absl::StrCat("rank/", rank), absl::StrCat(getpid()));
+  absl::Status s =
+      store.Set(absl::StrCat("rank/", rank), absl::StrCat(getpid()));
   if (!s.ok()) return s;
   std::vector<std::string> ranks, done;
   for (int r = 0; r < kWorld; ++r) {
@@ -77,7 +81,8 @@ absl::Status RendezvousRank(Store& store, int rank) {
     if (!pid.ok()) return pid.status();
     int value = 0;
     if (!absl::SimpleAtoi(*pid, &value) || value <= 0) {
-      return absl::InternalError(absl::StrCat("bad pid '", *pid, "' of rank ", r));
+      return absl::InternalError(
+          absl::StrCat("bad pid '", *pid, "' of rank ", r));
     }
   }
   for (int i = 0; i < kAddsPerRank; ++i) {
@@ -98,7 +103,8 @@ absl::Status RendezvousRank(Store& store, int rank) {
   absl::StatusOr<std::string> total = store.Get("counter", kChildTimeout);
   if (!total.ok()) return total.status();
   if (*total != absl::StrCat(kWorld * kAddsPerRank)) {
-    return absl::InternalError(absl::StrCat("counter is ", *total, " after the barrier"));
+    return absl::InternalError(
+        absl::StrCat("counter is ", *total, " after the barrier"));
   }
   absl::StatusOr<std::string> group_members =
       group.Get("members", kChildTimeout);
@@ -141,7 +147,8 @@ TEST(StoreChild, Main) {
     int fd = 0;
     ASSERT_TRUE(absl::SimpleAtoi(Env("TP_STORE_CHILD_PIPE"), &fd));
     const std::string msg = absl::StrCat((*store)->port(), "\n");
-    ASSERT_EQ(write(fd, msg.data(), msg.size()), static_cast<ssize_t>(msg.size()));
+    ASSERT_EQ(write(fd, msg.data(), msg.size()),
+              static_cast<ssize_t>(msg.size()));
     close(fd);
     absl::SleepFor(absl::Seconds(60));
   } else {
@@ -149,7 +156,8 @@ TEST(StoreChild, Main) {
   }
 }
 
-// ---- Parent side -----------------------------------------------------------------
+// ---- Parent side
+// -----------------------------------------------------------------
 
 // Starts this binary as a child with `env` added to the environment.
 // `keep_fd` (if >= 0) stays open in the child.
@@ -211,10 +219,10 @@ TEST(StoreMultiProcessTest, FourProcessesRendezvousOverTcpStore) {
   ASSERT_TRUE(server.ok()) << server.status();
   std::vector<pid_t> pids;
   for (int r = 0; r < kWorld; ++r) {
-    pids.push_back(SpawnChild({"TP_STORE_CHILD_ROLE=tcp_rank",
-                               absl::StrCat("TP_STORE_CHILD_RANK=", r),
-                               absl::StrCat("TP_STORE_CHILD_PORT=",
-                                            (*server)->port())}));
+    pids.push_back(
+        SpawnChild({"TP_STORE_CHILD_ROLE=tcp_rank",
+                    absl::StrCat("TP_STORE_CHILD_RANK=", r),
+                    absl::StrCat("TP_STORE_CHILD_PORT=", (*server)->port())}));
   }
   const std::vector<int> codes = WaitChildren(pids, absl::Seconds(40));
   for (int r = 0; r < kWorld; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
@@ -242,7 +250,8 @@ TEST(StoreMultiProcessTest, FourProcessesRendezvousOverFileStore) {
   EXPECT_EQ(*(*store)->Get("group1/members", absl::Seconds(1)), "2");
 }
 
-// ---- Garbage on the wire --------------------------------------------------------
+// ---- Garbage on the wire
+// --------------------------------------------------------
 
 int ConnectRaw(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -295,7 +304,8 @@ TEST(StoreMultiProcessTest, ServerSurvivesGarbageAndServesOtherClients) {
   ASSERT_TRUE((*client)->Set("before", "1").ok());
   // A valid request, raw: Set("raw", "ok") gets an OK answer.
   {
-    std::string payload = std::string(1, '\x01') + U32(3) + "raw" + U32(2) + "ok";
+    std::string payload =
+        std::string(1, '\x01') + U32(3) + "raw" + U32(2) + "ok";
     const int fd = ConnectRaw(port);
     const std::string frame = kMagic + U32(payload.size()) + payload;
     ASSERT_EQ(send(fd, frame.data(), frame.size(), MSG_NOSIGNAL),
@@ -316,11 +326,13 @@ TEST(StoreMultiProcessTest, ServerSurvivesGarbageAndServesOtherClients) {
       {"key longer than the payload",
        kMagic + U32(7) + std::string(1, '\x01') + U32(1000) + "ab"},
       {"oversized key",
-       kMagic + U32(5 + TcpStore::kMaxKeyBytes + 1 + 4) + std::string(1, '\x01') +
-           U32(TcpStore::kMaxKeyBytes + 1) +
+       kMagic + U32(5 + TcpStore::kMaxKeyBytes + 1 + 4) +
+           std::string(1, '\x01') + U32(TcpStore::kMaxKeyBytes + 1) +
            std::string(TcpStore::kMaxKeyBytes + 1, 'k') + U32(0)},
-      {"trailing bytes", kMagic + U32(6) + std::string(1, '\x06') + U32(0) + "x"},
-      {"too many keys", kMagic + U32(5) + std::string(1, '\x05') + U32(0x7fffffff)},
+      {"trailing bytes",
+       kMagic + U32(6) + std::string(1, '\x06') + U32(0) + "x"},
+      {"too many keys",
+       kMagic + U32(5) + std::string(1, '\x05') + U32(0x7fffffff)},
   };
   for (const auto& [what, bytes] : garbage) {
     EXPECT_TRUE(ServerClosesAfter(port, bytes)) << what;
@@ -345,14 +357,16 @@ TEST(StoreMultiProcessTest, ServerSurvivesGarbageAndServesOtherClients) {
   EXPECT_EQ(*(*late)->Add("n", 1), 3);
 }
 
-// ---- A server that goes away ------------------------------------------------------
+// ---- A server that goes away
+// ------------------------------------------------------
 
 TEST(StoreMultiProcessTest, ClientsOfAKilledServerGetUnavailablePromptly) {
   int fds[2];
   ASSERT_EQ(pipe2(fds, O_CLOEXEC), 0);
-  const pid_t server = SpawnChild(
-      {"TP_STORE_CHILD_ROLE=tcp_server", absl::StrCat("TP_STORE_CHILD_PIPE=", fds[1])},
-      fds[1]);
+  const pid_t server =
+      SpawnChild({"TP_STORE_CHILD_ROLE=tcp_server",
+                  absl::StrCat("TP_STORE_CHILD_PIPE=", fds[1])},
+                 fds[1]);
   close(fds[1]);
   std::string line;
   char c;
@@ -366,7 +380,8 @@ TEST(StoreMultiProcessTest, ClientsOfAKilledServerGetUnavailablePromptly) {
   options.reconnect_timeout = absl::Milliseconds(300);
   auto client = TcpStore::Create(options);
   ASSERT_TRUE(client.ok()) << client.status();
-  EXPECT_EQ(*(*client)->Get("server_pid", absl::Seconds(5)), absl::StrCat(server));
+  EXPECT_EQ(*(*client)->Get("server_pid", absl::Seconds(5)),
+            absl::StrCat(server));
   ASSERT_TRUE((*client)->Set("x", "1").ok());
   ASSERT_TRUE((*client)->Set("y", "1").ok());
 

@@ -1,6 +1,8 @@
 // Contract tests shared by every Store (HashStore, FileStore, TcpStore), run
 // as a typed test, plus the behaviour specific to each implementation and to
 // PrefixStore. Multi-process behaviour is in store_multiprocess_test.cc.
+#include "runtime/store.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -26,7 +28,6 @@
 #include "runtime/file_store.h"
 #include "runtime/hash_store.h"
 #include "runtime/prefix_store.h"
-#include "runtime/store.h"
 #include "runtime/tcp_store.h"
 
 namespace tp {
@@ -42,13 +43,14 @@ constexpr absl::Duration kSlack = absl::Milliseconds(100);
 std::string TempDir(absl::string_view name) {
   static std::atomic<int> counter{0};
   const char* base = std::getenv("TEST_TMPDIR");
-  return absl::StrCat(base != nullptr ? base : "/tmp", "/", name, ".",
-                      getpid(), ".", counter.fetch_add(1));
+  return absl::StrCat(base != nullptr ? base : "/tmp", "/", name, ".", getpid(),
+                      ".", counter.fetch_add(1));
 }
 
-// ---- Per-implementation fixtures ---------------------------------------------
-// Each gives a primary store and `NewClient()`: another handle on the same
-// data, as a different rank would have (the same object for HashStore).
+// ---- Per-implementation fixtures
+// --------------------------------------------- Each gives a primary store and
+// `NewClient()`: another handle on the same data, as a different rank would
+// have (the same object for HashStore).
 
 struct HashImpl {
   static constexpr int kAddsPerThread = 500;
@@ -144,9 +146,16 @@ TYPED_TEST(StoreTest, SetThenGetReturnsTheLatestValue) {
 
 TYPED_TEST(StoreTest, KeysWithAnyBytesStayDistinct) {
   Store& s = this->store();
-  const std::vector<std::string> keys = {
-      "a/b", "a%2Fb", "a_b", "", "../escape", "with space", "k",
-      "\xd0\xba\xd0\xbb\xd1\x8e\xd1\x87", std::string("nul\0in", 6), "lock"};
+  const std::vector<std::string> keys = {"a/b",
+                                         "a%2Fb",
+                                         "a_b",
+                                         "",
+                                         "../escape",
+                                         "with space",
+                                         "k",
+                                         "\xd0\xba\xd0\xbb\xd1\x8e\xd1\x87",
+                                         std::string("nul\0in", 6),
+                                         "lock"};
   for (size_t i = 0; i < keys.size(); ++i) {
     ASSERT_TRUE(s.Set(keys[i], absl::StrCat("v", i)).ok()) << i;
   }
@@ -172,7 +181,8 @@ TYPED_TEST(StoreTest, GetWaitsForASetFromAnotherRank) {
 }
 
 TYPED_TEST(StoreTest, GetOfAMissingKeyTimesOutOnTime) {
-  for (absl::Duration timeout : {absl::Milliseconds(50), absl::Milliseconds(300)}) {
+  for (absl::Duration timeout :
+       {absl::Milliseconds(50), absl::Milliseconds(300)}) {
     absl::StatusOr<std::string> value;
     const absl::Duration took =
         Timed([&] { value = this->store().Get("missing", timeout); });
@@ -231,8 +241,8 @@ TYPED_TEST(StoreTest, AddOnANonIntegerIsInvalidArgument) {
         << "value '" << bad << "': " << r.status();
     EXPECT_EQ(*s.Get("x", absl::Seconds(1)), bad);  // Unchanged.
   }
-  ASSERT_TRUE(s.Set("big", absl::StrCat(std::numeric_limits<int64_t>::max()))
-                  .ok());
+  ASSERT_TRUE(
+      s.Set("big", absl::StrCat(std::numeric_limits<int64_t>::max())).ok());
   EXPECT_EQ(s.Add("big", 1).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
@@ -339,7 +349,8 @@ TYPED_TEST(StoreTest, ConcurrentSettersAndGettersOnOneHandle) {
   for (std::thread& t : threads) t.join();
 }
 
-// ---- PrefixStore -------------------------------------------------------------
+// ---- PrefixStore
+// -------------------------------------------------------------
 
 TYPED_TEST(StoreTest, PrefixStoresAreIsolated) {
   PrefixStore g1("g1", this->store());
@@ -379,7 +390,8 @@ TEST(PrefixStoreTest, SharedOwnershipKeepsTheBaseAlive) {
   EXPECT_EQ(p.FullKey("a"), "p/a");
 }
 
-// ---- HashStore -----------------------------------------------------------------
+// ---- HashStore
+// -----------------------------------------------------------------
 
 TEST(HashStoreTest, CountsKeys) {
   HashStore s;
@@ -391,7 +403,8 @@ TEST(HashStoreTest, CountsKeys) {
   EXPECT_EQ(s.NumKeys(), 1);
 }
 
-// ---- FileStore -----------------------------------------------------------------
+// ---- FileStore
+// -----------------------------------------------------------------
 
 TEST(FileStoreTest, EncodesKeysAsSafeFileNames) {
   EXPECT_EQ(FileStore::EncodeKey("rank/3"), "krank%2F3");
@@ -448,7 +461,8 @@ TEST(FileStoreTest, ReadersNeverSeeATornValue) {
   EXPECT_GT(reads, 0);
 }
 
-// ---- TcpStore ------------------------------------------------------------------
+// ---- TcpStore
+// ------------------------------------------------------------------
 
 std::unique_ptr<TcpStore> StartServer() {
   TcpStoreOptions options;
@@ -495,7 +509,8 @@ TEST(TcpStoreTest, EnforcesSizeLimitsBeforeSending) {
 TEST(TcpStoreTest, MovesLargeValues) {
   auto s = StartServer();
   std::string value(8 << 20, '\0');
-  for (size_t i = 0; i < value.size(); ++i) value[i] = static_cast<char>(i * 131);
+  for (size_t i = 0; i < value.size(); ++i)
+    value[i] = static_cast<char>(i * 131);
   ASSERT_TRUE(s->Set("large", value).ok());
   EXPECT_EQ(*s->Get("large", absl::Seconds(10)), value);
 }
