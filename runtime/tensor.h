@@ -58,8 +58,9 @@ class Storage {
   Device device() const { return device_; }
 
  private:
-  Storage(void* data, size_t nbytes, Device device)
-      : data_(data), nbytes_(nbytes), device_(device) {}
+  Storage(void* base, void* data, size_t nbytes, Device device)
+      : base_(base), data_(data), nbytes_(nbytes), device_(device) {}
+  void* base_;  // what malloc returned; data_ is base_ rounded up to 64 bytes
   void* data_;
   size_t nbytes_;
   Device device_;
