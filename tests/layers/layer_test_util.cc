@@ -2,7 +2,9 @@
 
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "glog/logging.h"
 #include "runtime/status_macros.h"
 #include "tests/layers/layer_reference.h"
@@ -92,6 +94,24 @@ double Tolerance(DType dtype) {
   return ::testing::AssertionFailure()
          << what << ": relative error " << err << " >= " << tol << " ("
          << DTypeName(got.dtype()) << ", got " << got.DebugString(8) << ")";
+}
+
+absl::Status ToStatus(const ::testing::AssertionResult& r) {
+  if (r) return absl::OkStatus();
+  return absl::InternalError(r.message());
+}
+
+absl::Status ExpectError(const absl::Status& s, absl::StatusCode code,
+                         const std::vector<std::string>& needles,
+                         const std::string& what) {
+  bool ok = s.code() == code;
+  for (const std::string& n : needles) {
+    ok = ok && absl::StrContains(s.message(), n);
+  }
+  if (ok) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(
+      what, ": expected ", absl::StatusCodeToString(code), " naming [",
+      absl::StrJoin(needles, ", "), "], got ", s.ToString()));
 }
 
 }  // namespace testing_layers

@@ -70,6 +70,16 @@ double Tolerance(DType dtype);
 ::testing::AssertionResult Close(const Tensor& got, const Vec& want, double tol,
                                  const std::string& what);
 
+// OK for a successful assertion, else kInternal with its message (to return
+// a check's failure from a rank body).
+absl::Status ToStatus(const ::testing::AssertionResult& r);
+
+// kInternal "<what>: expected <code>, got <status>" unless `s` has `code`
+// and its message contains every string of `needles`.
+absl::Status ExpectError(const absl::Status& s, absl::StatusCode code,
+                         const std::vector<std::string>& needles,
+                         const std::string& what);
+
 }  // namespace testing_layers
 }  // namespace tp
 
