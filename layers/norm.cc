@@ -102,11 +102,9 @@ absl::StatusOr<Tensor> Norm::Backward(const Tensor& grad_out) {
   Tensor dgamma = g->dgamma, dbeta = g->dbeta;
   if (o.sequence_parallel && comm_.size() > 1) {
     // One all-reduce for both vectors: [dgamma; dbeta].
-    Tensor both = dgamma;
+    Tensor both = dgamma;  // owned: ops return fresh tensors
     if (o.kind == NormKind::kLayerNorm) {
       ASSIGN_OR_RETURN(both, ops::Concat({dgamma, dbeta}, 0));
-    } else {
-      both = dgamma.Clone();
     }
     RETURN_IF_ERROR(Annotate(comm_.AllReduce(both, ReduceOp::kSum), o.name));
     ASSIGN_OR_RETURN(dgamma, both.Narrow(0, 0, o.hidden));

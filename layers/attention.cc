@@ -1,0 +1,231 @@
+#include "layers/attention.h"
+
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/init.h"
+#include "runtime/ops.h"
+#include "runtime/status_macros.h"
+
+namespace tp {
+namespace {
+
+// [b, s, kv, g, d] (any strides) -> contiguous [b, kv, g * s, d].
+absl::StatusOr<Tensor> TokensToHeads(const Tensor& t) {
+  ASSIGN_OR_RETURN(Tensor a, ops::Transpose(t, 1, 2));  // [b, kv, s, g, d]
+  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));         // [b, kv, g, s, d]
+  return a.Reshape({a.dim(0), a.dim(1), a.dim(2) * a.dim(3), a.dim(4)});
+}
+
+// [b, kv, g * s, d] -> contiguous [b, s, kv, g, d].
+absl::StatusOr<Tensor> HeadsToTokens(const Tensor& t, int64_t g) {
+  ASSIGN_OR_RETURN(Tensor a,
+                   t.Reshape({t.dim(0), t.dim(1), g, t.dim(2) / g, t.dim(3)}));
+  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));  // [b, kv, s, g, d]
+  return ops::Transpose(a, 1, 2);                // [b, s, kv, g, d]
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ParallelSelfAttention>>
+ParallelSelfAttention::Create(Communicator& comm, Options options) {
+  const std::string& name = options.name;
+  const int tp = comm.size();
+  if (options.hidden <= 0 || options.num_heads <= 0 ||
+      options.num_kv_heads < 0 || options.head_dim < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": hidden (", options.hidden, ") and num_heads (",
+                     options.num_heads, ") must be positive, num_kv_heads (",
+                     options.num_kv_heads, ") and head_dim (", options.head_dim,
+                     ") non-negative"));
+  }
+  if (!IsFloatingPoint(options.dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": dtype ",
+                                                   DTypeName(options.dtype),
+                                                   " is not a floating dtype"));
+  }
+  const int64_t heads = options.num_heads;
+  const int64_t kv = options.num_kv_heads == 0 ? heads : options.num_kv_heads;
+  if (heads % kv != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": num_heads ", heads, " is not divisible by num_kv_heads ", kv));
+  }
+  if (kv % tp != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": num_kv_heads ", kv, " (num_heads ", heads,
+                     ") is not divisible by the tensor-parallel size ", tp));
+  }
+  int64_t head_dim = options.head_dim;
+  if (head_dim == 0) {
+    if (options.hidden % heads != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, ": hidden ", options.hidden, " is not divisible by num_heads ",
+          heads, "; set head_dim"));
+    }
+    head_dim = options.hidden / heads;
+  }
+  std::unique_ptr<ParallelSelfAttention> a(
+      new ParallelSelfAttention(comm, std::move(options)));
+  Options& o = a->options_;
+  o.num_kv_heads = kv;
+  o.head_dim = head_dim;
+  a->head_dim_ = head_dim;
+  a->local_heads_ = heads / tp;
+  a->local_kv_heads_ = kv / tp;
+
+  ColumnParallelLinear::Options qkv;
+  qkv.in_features = o.hidden;
+  qkv.out_features = (heads + 2 * kv) * head_dim;
+  qkv.bias = o.bias;
+  qkv.gather_output = false;
+  qkv.sequence_parallel = o.sequence_parallel;
+  qkv.dtype = o.dtype;
+  qkv.weight_init = InitSpec::Normal(
+      0.0, o.init_std, SeedFor(o.seed, o.name + ".qkv_proj.weight"));
+  qkv.name = o.name + ".qkv_proj";
+  ASSIGN_OR_RETURN(a->qkv_proj_, ColumnParallelLinear::Create(comm, qkv));
+
+  RowParallelLinear::Options out;
+  out.in_features = heads * head_dim;
+  out.out_features = o.hidden;
+  out.bias = o.bias;
+  out.input_is_parallel = true;
+  out.sequence_parallel = o.sequence_parallel;
+  out.dtype = o.dtype;
+  out.weight_init = InitSpec::Normal(
+      0.0, o.init_std, SeedFor(o.seed, o.name + ".o_proj.weight"));
+  out.name = o.name + ".o_proj";
+  ASSIGN_OR_RETURN(a->o_proj_, RowParallelLinear::Create(comm, out));
+  return a;
+}
+
+absl::StatusOr<Tensor> ParallelSelfAttention::Forward(const Tensor& x,
+                                                      const TokenLayout& layout,
+                                                      KVCache* cache) {
+  const Options& o = options_;
+  const int tp = comm_.size();
+  if (!x.defined() || x.ndim() != 2 || x.dim(1) != o.hidden) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        o.name, ": input must be [tokens, hidden = ", o.hidden, "], got ",
+        x.defined() ? ShapeToString(x.shape()) : "undefined"));
+  }
+  if (x.dtype() != o.dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(o.name, ": input dtype is ", DTypeName(x.dtype()),
+                     ", the layer's is ", DTypeName(o.dtype)));
+  }
+  const int64_t rows = x.dim(0) * (o.sequence_parallel ? tp : 1);
+  if (layout.batch < 1 || layout.seq < 1 || layout.tokens() != rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        o.name, ": layout batch ", layout.batch, " x seq ", layout.seq,
+        " does not match the input's ", rows, " rows",
+        o.sequence_parallel
+            ? absl::StrCat(" (", x.dim(0), " per rank x tp ", tp, ")")
+            : ""));
+  }
+  const int64_t b = layout.batch, s = layout.seq, d = head_dim_;
+  const int64_t kv = local_kv_heads_, g = local_heads_ / local_kv_heads_;
+  if (cache != nullptr && cache->length() > 0) {
+    const Tensor& ck = cache->keys_;
+    if (ck.ndim() != 4 || ck.dim(0) != b || ck.dim(1) != kv || ck.dim(3) != d ||
+        ck.dtype() != o.dtype) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          o.name, ": KV cache holds ", ShapeToString(ck.shape()), " ",
+          DTypeName(ck.dtype()), ", expected [", b, ", ", kv, ", length, ", d,
+          "] ", DTypeName(o.dtype), " for batch ", b));
+    }
+  }
+
+  // From here on the previous Forward's activations are stale.
+  has_forward_ = false;
+  q_ = k_ = v_ = p_ = Tensor();
+  ASSIGN_OR_RETURN(Tensor qkv, qkv_proj_->Forward(x));  // [T, kv (g+2) d]
+  ASSIGN_OR_RETURN(qkv, qkv.Reshape({b, s, kv, g + 2, d}));
+  ASSIGN_OR_RETURN(Tensor qv, qkv.Narrow(3, 0, g));
+  ASSIGN_OR_RETURN(Tensor kview, qkv.Narrow(3, g, 1));
+  ASSIGN_OR_RETURN(Tensor vview, qkv.Narrow(3, g + 1, 1));
+  ASSIGN_OR_RETURN(Tensor q, TokensToHeads(qv));  // [b, kv, g s, d]
+  ASSIGN_OR_RETURN(q, ops::Scale(q, 1.0 / std::sqrt(static_cast<double>(d))));
+  ASSIGN_OR_RETURN(Tensor k, TokensToHeads(kview));  // [b, kv, s, d]
+  ASSIGN_OR_RETURN(Tensor v, TokensToHeads(vview));
+
+  Tensor k_all = k, v_all = v;
+  if (cache != nullptr && cache->length() > 0) {
+    ASSIGN_OR_RETURN(k_all, ops::Concat({cache->keys_, k}, 2));
+    ASSIGN_OR_RETURN(v_all, ops::Concat({cache->values_, v}, 2));
+  }
+  const int64_t total = k_all.dim(2);
+  ASSIGN_OR_RETURN(Tensor scores, ops::BatchMatMul(q, k_all, false, true));
+  // [b, kv, g s, S] -> [b, kv, g, s, S]: the causal mask is per (s, S).
+  ASSIGN_OR_RETURN(scores, scores.Reshape({b, kv, g, s, total}));
+  ASSIGN_OR_RETURN(Tensor p, ops::Softmax(scores, /*causal=*/true));
+  ASSIGN_OR_RETURN(p, p.Reshape({b, kv, g * s, total}));
+  ASSIGN_OR_RETURN(Tensor ctx, ops::BatchMatMul(p, v_all));  // [b, kv, g s, d]
+  ASSIGN_OR_RETURN(ctx, HeadsToTokens(ctx, g));              // [b, s, kv, g, d]
+  ASSIGN_OR_RETURN(ctx, ctx.Reshape({b * s, local_heads_ * d}));
+  ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(ctx));
+
+  if (cache != nullptr) {
+    cache->keys_ = k_all;
+    cache->values_ = v_all;
+  } else {
+    layout_ = layout;
+    q_ = q;
+    k_ = k;
+    v_ = v;
+    p_ = p;
+    has_forward_ = true;
+  }
+  return y;
+}
+
+absl::StatusOr<Tensor> ParallelSelfAttention::Backward(const Tensor& grad_out) {
+  const Options& o = options_;
+  if (!has_forward_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        o.name,
+        ": Backward without a preceding Forward (a Forward with a KV "
+        "cache does not prepare one)"));
+  }
+  const int64_t b = layout_.batch, s = layout_.seq, d = head_dim_;
+  const int64_t kv = local_kv_heads_, g = local_heads_ / local_kv_heads_;
+  ASSIGN_OR_RETURN(Tensor dctx, o_proj_->Backward(grad_out));  // [T, h d]
+  ASSIGN_OR_RETURN(dctx, dctx.Reshape({b, s, kv, g, d}));
+  ASSIGN_OR_RETURN(dctx, TokensToHeads(dctx));  // [b, kv, g s, d]
+  ASSIGN_OR_RETURN(Tensor dp, ops::BatchMatMul(dctx, v_, false, true));
+  ASSIGN_OR_RETURN(Tensor dv, ops::BatchMatMul(p_, dctx, true, false));
+  ASSIGN_OR_RETURN(Tensor ds, ops::SoftmaxBackward(dp, p_));
+  ASSIGN_OR_RETURN(Tensor dq, ops::BatchMatMul(ds, k_));
+  ASSIGN_OR_RETURN(dq, ops::Scale(dq, 1.0 / std::sqrt(static_cast<double>(d))));
+  ASSIGN_OR_RETURN(Tensor dk, ops::BatchMatMul(ds, q_, true, false));
+  ASSIGN_OR_RETURN(dq, HeadsToTokens(dq, g));  // [b, s, kv, g, d]
+  ASSIGN_OR_RETURN(dk, HeadsToTokens(dk, 1));  // [b, s, kv, 1, d]
+  ASSIGN_OR_RETURN(dv, HeadsToTokens(dv, 1));
+  ASSIGN_OR_RETURN(Tensor dqkv, ops::Concat({dq, dk, dv}, 3));
+  ASSIGN_OR_RETURN(dqkv, dqkv.Reshape({b * s, kv * (g + 2) * d}));
+  ASSIGN_OR_RETURN(Tensor dx, qkv_proj_->Backward(dqkv));
+  has_forward_ = false;
+  q_ = k_ = v_ = p_ = Tensor();
+  return dx;
+}
+
+std::vector<ParameterShard> ParallelSelfAttention::parameters() const {
+  std::vector<ParameterShard> out =
+      PrefixNames("qkv_proj", qkv_proj_->parameters());
+  for (auto& p : PrefixNames("o_proj", o_proj_->parameters())) out.push_back(p);
+  return out;
+}
+
+std::vector<ParameterShard> ParallelSelfAttention::grads() const {
+  std::vector<ParameterShard> out = PrefixNames("qkv_proj", qkv_proj_->grads());
+  for (auto& p : PrefixNames("o_proj", o_proj_->grads())) out.push_back(p);
+  return out;
+}
+
+void ParallelSelfAttention::ZeroGrad() {
+  qkv_proj_->ZeroGrad();
+  o_proj_->ZeroGrad();
+}
+
+}  // namespace tp
