@@ -767,7 +767,7 @@ void FillEnvelope(Envelope h, const absl::Status& local_error,
                   const void* payload, size_t payload_bytes, uint64_t* out) {
   char* bytes = reinterpret_cast<char*>(out);
   if (!local_error.ok()) {
-    std::string text = local_error.ToString();
+    std::string text(local_error.message());
     if (text.size() > kGlooInlineBytes) text.resize(kGlooInlineBytes);
     h.error_bytes = static_cast<int64_t>(text.size());
     std::memcpy(bytes + kHeaderBytes, text.data(), text.size());
@@ -888,7 +888,7 @@ absl::Status GlooCommunicator::ExchangeP2PHeaders(
   if (theirs.error_bytes > 0 || !local.ok()) {
     std::vector<std::string> errors;
     if (!local.ok()) {
-      errors.push_back(absl::StrCat("rank ", rank_, ": ", local.ToString()));
+      errors.push_back(absl::StrCat("rank ", rank_, ": ", local.message()));
     }
     if (theirs.error_bytes > 0) {
       errors.push_back(absl::StrCat("rank ", peer, ": ",
