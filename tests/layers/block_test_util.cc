@@ -155,7 +155,8 @@ absl::Status CheckInputGradient(Tensor& x, const Vec& grad, const LossFn& loss,
 absl::Status CheckParameterGradients(Communicator& comm,
                                      const std::vector<ParameterShard>& params,
                                      const std::vector<ParameterShard>& grads,
-                                     const LossFn& loss, double h, double tol) {
+                                     const LossFn& loss, double h, double tol,
+                                     int64_t max_elements) {
   if (params.size() != grads.size()) {
     return absl::InternalError("params and grads differ in length");
   }
@@ -166,7 +167,10 @@ absl::Status CheckParameterGradients(Communicator& comm,
       const bool mine = p.replicated() || comm.rank() == owner;
       const Vec gv = grads[k].tensor.ToDoubles();
       double* pp = p.tensor.data<double>();
-      for (int64_t i = 0; i < p.tensor.numel(); ++i) {
+      const int64_t n = p.tensor.numel();
+      const int64_t count = std::min(n, std::max<int64_t>(max_elements, 2));
+      for (int64_t e = 0; e < count; ++e) {
+        const int64_t i = count == 1 ? 0 : e * (n - 1) / (count - 1);
         const double p0 = pp[i];
         if (mine) pp[i] = p0 + h;
         ASSIGN_OR_RETURN(double lp, loss());

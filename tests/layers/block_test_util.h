@@ -63,15 +63,17 @@ absl::Status CheckInputGradient(Tensor& x, const Vec& grad, const LossFn& loss,
                                 const std::string& what, double h = 1e-6,
                                 double tol = 1e-7);
 
-// The same for every element of every float64 parameter, against grads()
-// (same order). Split shards are perturbed one owning rank at a time (every
+// The same for the elements of every float64 parameter, against grads()
+// (same order): all of them when a shard has at most `max_elements`, else
+// `max_elements` evenly spaced ones (first and last included). Split shards are perturbed one owning rank at a time (every
 // rank runs loss() for every perturbation, keeping the collectives in step);
 // replicated parameters on every rank at once, since each rank holds a copy.
 absl::Status CheckParameterGradients(Communicator& comm,
                                      const std::vector<ParameterShard>& params,
                                      const std::vector<ParameterShard>& grads,
                                      const LossFn& loss, double h = 1e-6,
-                                     double tol = 1e-7);
+                                     double tol = 1e-7,
+                                     int64_t max_elements = 6);
 
 // The communicators of one rank of a dp x tp grid (Megatron layout: TP groups
 // are consecutive world ranks, DP groups strided).

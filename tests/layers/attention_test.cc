@@ -1,0 +1,284 @@
+// ParallelSelfAttention against the float64 reference at TP = 1..4
+// (multi-head and grouped-query, with and without sequence parallelism), the
+// KV cache against full-sequence forward, finite differences, and errors.
+#include "layers/attention.h"
+
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "runtime/status_macros.h"
+#include "tests/layers/block_reference.h"
+#include "tests/layers/block_test_util.h"
+#include "tests/layers/layer_test_util.h"
+
+namespace tp {
+namespace {
+
+using block_testing::CheckClose;
+using block_testing::CheckShards;
+using block_testing::LoadShards;
+using block_testing::RandomParams;
+using block_testing::RowSlice;
+using block_testing::Vec;
+using testing_layers::ExpectError;
+using testing_layers::MakeTensor;
+using testing_layers::RandomVec;
+using testing_layers::RunGloo;
+
+block_ref::Dims AttnDims(int64_t heads, int64_t kv_heads) {
+  block_ref::Dims d;
+  d.batch = 2;
+  d.seq = 6;
+  d.hidden = 48;
+  d.heads = heads;
+  d.kv_heads = kv_heads;
+  d.head_dim = 4;
+  return d;
+}
+
+ParallelSelfAttention::Options AttnOptions(const block_ref::Dims& d, bool sp,
+                                           DType dtype) {
+  ParallelSelfAttention::Options o;
+  o.hidden = d.hidden;
+  o.num_heads = d.heads;
+  o.num_kv_heads = d.kv_heads;
+  o.head_dim = d.head_dim;
+  o.bias = d.bias;
+  o.sequence_parallel = sp;
+  o.dtype = dtype;
+  return o;
+}
+
+// Forward and backward of one configuration at TP = tp against the reference.
+absl::Status CheckAgainstReference(const block_ref::Dims& d, int tp, bool sp) {
+  const auto shapes = block_ref::AttentionShapes(d, "");
+  const block_ref::Params params = RandomParams(shapes, 21);
+  const int64_t T = d.tokens(), H = d.hidden;
+  const Vec x = RandomVec(T * H, 22);
+  const Vec dy = RandomVec(T * H, 23);
+  const Vec y_ref = block_ref::Attention(params, "", d, x);
+  block_ref::Params g_ref = block_ref::ZerosLike(params);
+  const Vec dx_ref = block_ref::AttentionBackward(params, "", d, x, dy, &g_ref);
+  return RunGloo(tp, [&](Communicator& comm) -> absl::Status {
+    ASSIGN_OR_RETURN(auto attn, ParallelSelfAttention::Create(
+                                    comm, AttnOptions(d, sp, DType::kFloat32)));
+    if (attn->local_heads() != d.heads / tp ||
+        attn->local_kv_heads() != d.kv_heads / tp) {
+      return absl::InternalError("wrong local head counts");
+    }
+    RETURN_IF_ERROR(LoadShards(attn->parameters(), params, shapes));
+    const int64_t rows = sp ? T / tp : T;
+    const int64_t r0 = sp ? comm.rank() * rows : 0;
+    ASSIGN_OR_RETURN(
+        Tensor y, attn->Forward(MakeTensor(RowSlice(x, H, r0, rows), {rows, H},
+                                           DType::kFloat32),
+                                {d.batch, d.seq}));
+    RETURN_IF_ERROR(CheckClose(y, RowSlice(y_ref, H, r0, rows), 1e-5, "y"));
+    ASSIGN_OR_RETURN(Tensor dx,
+                     attn->Backward(MakeTensor(RowSlice(dy, H, r0, rows),
+                                               {rows, H}, DType::kFloat32)));
+    RETURN_IF_ERROR(CheckClose(dx, RowSlice(dx_ref, H, r0, rows), 1e-5, "dx"));
+    return CheckShards(attn->grads(), g_ref, comm.rank(), tp, 1e-5, "grads");
+  });
+}
+
+class ParallelSelfAttentionTest
+    : public ::testing::TestWithParam<std::tuple<int, bool, bool>> {};
+
+// 12 heads (multi-head) or 24 query heads over 12 key/value heads (GQA);
+// head_dim 4 with hidden 48 (so GQA's 24 * 4 = 96 differs from hidden).
+TEST_P(ParallelSelfAttentionTest, ForwardAndBackwardEqualFloat64Reference) {
+  const auto [tp, gqa, sp] = GetParam();
+  TP_EXPECT_OK(
+      CheckAgainstReference(gqa ? AttnDims(24, 12) : AttnDims(12, 12), tp, sp));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    TpGqaSp, ParallelSelfAttentionTest,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Bool(),
+                       ::testing::Bool()),
+    [](const ::testing::TestParamInfo<std::tuple<int, bool, bool>>& info) {
+      return absl::StrCat("tp", std::get<0>(info.param),
+                          std::get<1>(info.param) ? "_gqa" : "_mha",
+                          std::get<2>(info.param) ? "_sp" : "");
+    });
+
+TEST(ParallelSelfAttentionGqa, GroupSizesThreeAndFourAndMultiQuery) {
+  // 12 query heads over 4 kv heads (groups of 3) at TP 1, 2, 4.
+  for (int tp : {1, 2, 4}) {
+    SCOPED_TRACE(tp);
+    TP_EXPECT_OK(CheckAgainstReference(AttnDims(12, 4), tp, false));
+  }
+  // 12 over 3 (groups of 4) at TP 3; multi-query (one kv head) at TP 1.
+  TP_EXPECT_OK(CheckAgainstReference(AttnDims(12, 3), 3, false));
+  TP_EXPECT_OK(CheckAgainstReference(AttnDims(12, 1), 1, false));
+}
+
+// Prompt of 2 positions, then 4 single positions through a KV cache, equals
+// one Forward over all 6 positions.
+TEST(ParallelSelfAttentionKVCache, GenerationEqualsFullSequenceForward) {
+  for (int tp : {1, 2, 4}) {
+    for (bool sp : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("tp ", tp, " sp ", sp));
+      block_ref::Dims d = AttnDims(24, 12);
+      d.batch = 4;  // rows of a single-position step divide by tp
+      const auto shapes = block_ref::AttentionShapes(d, "");
+      const block_ref::Params params = RandomParams(shapes, 31);
+      const int64_t B = d.batch, S = d.seq, H = d.hidden;
+      const Vec x = RandomVec(B * S * H, 32);
+      const Vec y_ref = block_ref::Attention(params, "", d, x);
+      // Rows of positions [p0, p0 + n) of every sequence, batch-major.
+      auto positions = [&](const Vec& m, int64_t p0, int64_t n) {
+        Vec out;
+        for (int64_t b = 0; b < B; ++b) {
+          Vec r = RowSlice(m, H, b * S + p0, n);
+          out.insert(out.end(), r.begin(), r.end());
+        }
+        return out;
+      };
+      TP_EXPECT_OK(RunGloo(tp, [&](Communicator& comm) -> absl::Status {
+        ASSIGN_OR_RETURN(auto attn,
+                         ParallelSelfAttention::Create(
+                             comm, AttnOptions(d, sp, DType::kFloat32)));
+        RETURN_IF_ERROR(LoadShards(attn->parameters(), params, shapes));
+        KVCache cache;
+        int64_t p0 = 0;
+        for (int64_t n : {2, 1, 1, 1, 1}) {
+          const Vec xs = positions(x, p0, n);
+          const int64_t rows = sp ? B * n / tp : B * n;
+          const int64_t r0 = sp ? comm.rank() * rows : 0;
+          ASSIGN_OR_RETURN(
+              Tensor y,
+              attn->Forward(MakeTensor(RowSlice(xs, H, r0, rows), {rows, H},
+                                       DType::kFloat32),
+                            {B, n}, &cache));
+          RETURN_IF_ERROR(CheckClose(
+              y, RowSlice(positions(y_ref, p0, n), H, r0, rows), 1e-5,
+              absl::StrCat("positions ", p0, "..", p0 + n - 1)));
+          p0 += n;
+          if (cache.length() != p0) {
+            return absl::InternalError(absl::StrCat("cache length ",
+                                                    cache.length(), " != ", p0));
+          }
+        }
+        // A cached Forward prepares no Backward.
+        RETURN_IF_ERROR(ExpectError(
+            attn->Backward(Tensor::Zeros({sp ? B / tp : B, H}, DType::kFloat32))
+                .status(),
+            absl::StatusCode::kFailedPrecondition, {"Backward"}, "cached"));
+        // A batch that does not fit the cache is rejected; the cache stays.
+        const Tensor keys = cache.keys();
+        RETURN_IF_ERROR(ExpectError(
+            attn->Forward(Tensor::Zeros({sp ? 2 * B / tp : 2 * B, H},
+                                        DType::kFloat32),
+                          {2 * B, 1}, &cache)
+                .status(),
+            absl::StatusCode::kInvalidArgument, {"KV cache", "batch"},
+            "cache batch"));
+        if (cache.length() != S || !cache.keys().SharesStorageWith(keys)) {
+          return absl::InternalError("a rejected Forward changed the cache");
+        }
+        cache.Clear();
+        if (cache.length() != 0) return absl::InternalError("Clear");
+        return absl::OkStatus();
+      }));
+    }
+  }
+}
+
+TEST(ParallelSelfAttentionFiniteDifference, BackwardMatchesFiniteDifferences) {
+  block_ref::Dims d;
+  d.batch = 2;
+  d.seq = 3;
+  d.hidden = 6;
+  d.heads = 4;
+  d.kv_heads = 2;
+  d.head_dim = 2;
+  const auto shapes = block_ref::AttentionShapes(d, "");
+  const block_ref::Params params = RandomParams(shapes, 41);
+  const int64_t T = d.tokens(), H = d.hidden;
+  const Vec x = RandomVec(T * H, 42);
+  const Vec r = RandomVec(T * H, 43);
+  TP_EXPECT_OK(RunGloo(2, [&](Communicator& comm) -> absl::Status {
+    ASSIGN_OR_RETURN(auto attn, ParallelSelfAttention::Create(
+                                    comm, AttnOptions(d, false, DType::kFloat64)));
+    RETURN_IF_ERROR(LoadShards(attn->parameters(), params, shapes));
+    Tensor xt = MakeTensor(x, {T, H}, DType::kFloat64);
+    auto loss = [&]() -> absl::StatusOr<double> {
+      ASSIGN_OR_RETURN(Tensor y, attn->Forward(xt, {d.batch, d.seq}));
+      const Vec yv = y.ToDoubles();
+      double l = 0;
+      for (size_t i = 0; i < yv.size(); ++i) l += yv[i] * r[i];
+      return l;
+    };
+    RETURN_IF_ERROR(loss().status());
+    ASSIGN_OR_RETURN(Tensor dx,
+                     attn->Backward(MakeTensor(r, {T, H}, DType::kFloat64)));
+    RETURN_IF_ERROR(
+        block_testing::CheckInputGradient(xt, dx.ToDoubles(), loss, "dx"));
+    return block_testing::CheckParameterGradients(comm, attn->parameters(),
+                                                  attn->grads(), loss);
+  }));
+}
+
+TEST(ParallelSelfAttentionErrors, IndivisibleHeadsAndBadShapes) {
+  TP_EXPECT_OK(RunGloo(4, [&](Communicator& comm) -> absl::Status {
+    ParallelSelfAttention::Options o = AttnOptions(AttnDims(12, 6), false,
+                                                   DType::kFloat32);
+    o.name = "layers.1.attention";
+    RETURN_IF_ERROR(ExpectError(
+        ParallelSelfAttention::Create(comm, o).status(),
+        absl::StatusCode::kInvalidArgument,
+        {"layers.1.attention", "num_kv_heads 6", "num_heads 12",
+         "tensor-parallel size 4"},
+        "kv heads % tp"));
+    o.num_heads = 10;
+    o.num_kv_heads = 4;
+    RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
+                                absl::StatusCode::kInvalidArgument,
+                                {"num_heads 10", "num_kv_heads 4"},
+                                "heads % kv heads"));
+    o.num_heads = 12;
+    o.num_kv_heads = 0;  // = 12
+    o.head_dim = 0;
+    o.hidden = 50;
+    RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
+                                absl::StatusCode::kInvalidArgument,
+                                {"hidden 50", "num_heads 12"}, "hidden % heads"));
+    o.hidden = 48;
+    o.num_heads = -1;
+    RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
+                                absl::StatusCode::kInvalidArgument,
+                                {"num_heads (-1)"}, "negative heads"));
+    o.num_heads = 12;
+    ASSIGN_OR_RETURN(auto attn, ParallelSelfAttention::Create(comm, o));
+    if (attn->head_dim() != 4) return absl::InternalError("head_dim default");
+    const Tensor x = Tensor::Zeros({12, 48}, DType::kFloat32);
+    RETURN_IF_ERROR(ExpectError(attn->Forward(x, {5, 2}).status(),
+                                absl::StatusCode::kInvalidArgument,
+                                {"layers.1.attention", "batch 5", "seq 2", "12 rows"},
+                                "layout"));
+    RETURN_IF_ERROR(ExpectError(
+        attn->Forward(Tensor::Zeros({2, 6, 48}, DType::kFloat32), {2, 6})
+            .status(),
+        absl::StatusCode::kInvalidArgument, {"[2, 6, 48]"}, "rank 3"));
+    RETURN_IF_ERROR(ExpectError(
+        attn->Forward(Tensor::Zeros({12, 48}, DType::kFloat64), {2, 6})
+            .status(),
+        absl::StatusCode::kInvalidArgument, {"float64"}, "dtype"));
+    RETURN_IF_ERROR(ExpectError(attn->Backward(x).status(),
+                                absl::StatusCode::kFailedPrecondition,
+                                {"layers.1.attention"}, "no forward"));
+    RETURN_IF_ERROR(attn->Forward(x, {2, 6}).status());
+    RETURN_IF_ERROR(ExpectError(
+        attn->Backward(Tensor::Zeros({6, 48}, DType::kFloat32)).status(),
+        absl::StatusCode::kInvalidArgument, {"[6, 48]"}, "grad shape"));
+    return absl::OkStatus();
+  }));
+}
+
+}  // namespace
+}  // namespace tp
