@@ -7,9 +7,12 @@
 //       --repeats=9 --warmup=2   (one command line)
 //
 // For each shape (M x K x N; ":nt" multiplies by B^T stored [N, K], the
-// [out, in] weight layout) the two calls alternate, each repeat timing one
-// call of each, after untimed warm-up calls; the table prints the median.
-// Results are checked: ops::MatMul must equal the raw sgemm output, and
+// [out, in] weight layout) three calls rotate, each repeat timing one call
+// of each, after untimed warm-up calls: raw cblas_sgemm into a preallocated
+// buffer (the reference), ops::MatMul (which also allocates its output, as
+// every op does) and ops::MatMulInto (preallocated output, like the raw
+// call). The table prints the medians and each op's overhead over the raw
+// call. Results are checked: both ops must equal the raw sgemm output, and
 // sampled entries must match a float64 dot product within a rounding bound;
 // #wrong counts failures and the program exits non-zero if any.
 //
@@ -139,7 +142,8 @@ absl::Status RunMatMulSection(std::ostream& out) {
   const int warmup = std::max(0, absl::GetFlag(FLAGS_warmup));
   const double min_seconds = absl::GetFlag(FLAGS_min_seconds);
   out << "# MatMul float32: tp::ops::MatMul vs raw cblas_sgemm (reference), "
-         "same shapes, same run, calls alternating\n"
+         "and MatMulInto,\n# same shapes, same run, the three calls rotating; "
+         "overhead = (op - raw) / raw\n"
       << "# median of >= " << repeats << " timed calls per side after "
       << warmup << " warm-up calls; GF/s = 2*M*N*K / time\n";
   out << absl::StrFormat(
