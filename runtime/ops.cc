@@ -1053,14 +1053,17 @@ absl::StatusOr<Tensor> Embedding(const Tensor& table, const Tensor& ids) {
   Shape out_shape = ids.shape();
   out_shape.push_back(h);
   Tensor out = Tensor::Empty(out_shape, table.dtype());
-  Tensor tc = table.Contiguous();
-  const size_t row_bytes = static_cast<size_t>(h) * table.element_size();
+  // Rows are read in place when they are contiguous (a Narrow() of a larger
+  // table included), so a big table is never copied for a lookup.
+  const Tensor tc = table.strides()[1] == 1 ? table : table.Contiguous();
+  const size_t es = table.element_size();
+  const size_t row_bytes = static_cast<size_t>(h) * es;
+  const size_t row_stride = static_cast<size_t>(tc.strides()[0]) * es;
   const char* src = static_cast<const char*>(tc.raw_data());
   char* dst = static_cast<char*>(out.raw_data());
+  if (row_bytes == 0) return out;
   for (size_t i = 0; i < id.size(); ++i) {
-    if (row_bytes > 0) {
-      std::memcpy(dst + i * row_bytes, src + id[i] * row_bytes, row_bytes);
-    }
+    std::memcpy(dst + i * row_bytes, src + id[i] * row_stride, row_bytes);
   }
   return out;
 }

@@ -19,10 +19,11 @@
 //    A tensor on a non-CPU device gives kUnimplemented. Nothing CHECK-fails
 //    on user input.
 //  - Dimensions (`dim`, `d0`, `d1`) may be negative, counting from the end.
-//  - Thread safety: functions are re-entrant; they only read their inputs
-//    (except the `...Into`/`...InPlace` forms, which write their first
-//    argument, so that tensor must not be shared with a concurrent caller).
-//    MatMul uses OpenBLAS's own thread pool.
+//  - Thread safety: functions may be called from several threads at once
+//    (tests/runtime/ops_test.cc runs concurrent MatMuls); they only read
+//    their inputs, except the `...Into`/`...InPlace` forms, which write their
+//    first tensor argument, so that storage must not be used by a concurrent
+//    caller. GEMMs run on OpenBLAS's own thread pool.
 //
 // Example:
 //   ASSIGN_OR_RETURN(Tensor h, tp::ops::MatMul(x, w1, false, /*trans_b=*/true));

@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -542,6 +543,22 @@ TEST(MatMulTest, LargerShapesMatchNaiveReference) {
                               false),
                 {67, 129}, dt);
   }
+}
+
+TEST(MatMulTest, ConcurrentCallsFromSeveralThreadsAgree) {
+  // Multi-rank tests run one rank per thread, each calling MatMul.
+  Tensor a = Random({96, 200}, DType::kFloat32, 42);
+  Tensor b = Random({150, 200}, DType::kFloat32, 43);
+  const Vec want = MatMul(a, b, false, true)->ToDoubles();
+  std::vector<Vec> got(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) got[t] = MatMul(a, b, false, true)->ToDoubles();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const Vec& g : got) EXPECT_EQ(g, want);
 }
 
 TEST(MatMulTest, EmptyInnerDimensionGivesZeros) {
