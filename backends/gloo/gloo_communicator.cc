@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <climits>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <utility>
 
@@ -661,6 +663,25 @@ GlooCommunicator::~GlooCommunicator() {
   }
 }
 
+namespace {
+
+// Gloo's TCP pairs write with writev(), which raises SIGPIPE when the peer has
+// died. Its default action kills the process, so a lost peer would take the
+// survivors down instead of failing their collective with kUnavailable.
+// Ignored once per process, and only when nobody installed a handler.
+void IgnoreSigpipeOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction current;
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 &&
+        current.sa_handler == SIG_DFL) {
+      signal(SIGPIPE, SIG_IGN);
+    }
+  });
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
     const BackendContext& ctx, const GlooOptions& options,
     absl::string_view name) {
@@ -680,6 +701,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
       new GlooCommunicator(ctx.rank, ctx.size, ctx.timeout, options,
                            std::string(name)));
   if (ctx.size == 1) return comm;
+  IgnoreSigpipeOnce();
   if (ctx.store == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gloo: a store is required for a group of ", ctx.size));

@@ -49,6 +49,10 @@
 // a peer that stalls inside it without dying is detected after at most
 // log2(size) + 2 timeouts.
 //
+// Signals: creating a group of two or more ranks sets SIGPIPE to SIG_IGN
+// when it still has its default action (Gloo writes to sockets with writev,
+// and a dead peer must fail the collective, not kill this process).
+//
 // Thread safety: calls are serialized by an internal mutex; as for every
 // Communicator, ranks must still issue collectives in the same order, so use
 // one communicator per thread for concurrent collectives.

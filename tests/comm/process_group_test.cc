@@ -308,7 +308,8 @@ TEST(ProcessGroupMultiProcessTest, KilledRankGivesErrorsWithinTimeout) {
   ASSERT_TRUE(results.ok());
   EXPECT_EQ((*results)[2].signal, SIGKILL);
   for (int r = 0; r < 2; ++r) {
-    EXPECT_EQ((*results)[r].exit_code, 0) << "rank " << r;
+    EXPECT_EQ((*results)[r].exit_code, 0)
+        << "rank " << r << " signal " << (*results)[r].signal;
   }
 }
 
