@@ -31,11 +31,12 @@
 //
 // Calling contract: every rank of the communicator calls Create, Forward and
 // Backward in the same order with inputs of the same shape (the collectives
-// inside require it). Forward caches its input for Backward; Backward needs a
-// preceding successful Forward and consumes that cache (a second Backward
-// without a new Forward is kFailedPrecondition). Gradients ACCUMULATE into
-// grads() until ZeroGrad(). A layer is not thread-safe; it borrows the
-// communicator, which must outlive it.
+// inside require it). Forward caches its input for Backward (without a copy
+// when the input is contiguous: do not modify it in place before Backward);
+// Backward needs a preceding successful Forward and consumes that cache (a
+// second Backward without a new Forward is kFailedPrecondition). Gradients
+// ACCUMULATE into grads() until ZeroGrad(). A layer is not thread-safe; it
+// borrows the communicator, which must outlive it.
 //
 // Failure atomicity: when Forward or Backward returns an error (bad input, a
 // failed collective), the layer's weights, biases, gradients and cached input
