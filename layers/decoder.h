@@ -11,8 +11,8 @@
 //   model.layers.N.self_attn.v_proj          Linear  weight [kv d, hidden]
 //   model.layers.N.self_attn.o_proj          Linear  weight [hidden, heads d]
 //   model.layers.N.post_attention_layernorm  RMSNorm|LayerNorm
-//   model.layers.N.mlp.gate_proj             Linear  [ffn, hidden] (SwiGLU only)
-//   model.layers.N.mlp.up_proj               Linear  [ffn, hidden]
+//   model.layers.N.mlp.gate_proj             Linear  [ffn, hidden] (SwiGLU
+//   only) model.layers.N.mlp.up_proj               Linear  [ffn, hidden]
 //   model.layers.N.mlp.down_proj             Linear  [hidden, ffn]
 //   model.norm                               RMSNorm|LayerNorm
 //   lm_head                                  Linear  weight [vocab, hidden]
@@ -77,12 +77,14 @@
 //   tp::DecoderConfig c;
 //   c.hidden = 256;  c.heads = 8;  c.kv_heads = 4;  c.layers = 6;
 //   c.vocab = 1024;  c.ffn = 704;  c.max_seq = 512;  c.seed = 1;
-//   ASSIGN_OR_RETURN(std::unique_ptr<tp::Decoder> model, tp::Decoder::Create(c));
-//   ASSIGN_OR_RETURN(double loss, model->ForwardLoss(ids, targets));  // [B, S]
+//   ASSIGN_OR_RETURN(std::unique_ptr<tp::Decoder> model,
+//   tp::Decoder::Create(c)); ASSIGN_OR_RETURN(double loss,
+//   model->ForwardLoss(ids, targets));  // [B, S]
 //   RETURN_IF_ERROR(model->BackwardLoss());
 //   tp::GenerateOptions g;
 //   g.max_new_tokens = 32;
-//   ASSIGN_OR_RETURN(tp::Tensor out, model->Generate(prompt, g));  // [B, P + 32]
+//   ASSIGN_OR_RETURN(tp::Tensor out, model->Generate(prompt, g));  // [B, P +
+//   32]
 #ifndef TENSOR_PARALLEL_LAYERS_DECODER_H_
 #define TENSOR_PARALLEL_LAYERS_DECODER_H_
 
@@ -281,8 +283,7 @@ class Mlp final : public Module {
   const Options& options() const { return options_; }
 
  private:
-  explicit Mlp(Options options)
-      : Module("MLP"), options_(std::move(options)) {}
+  explicit Mlp(Options options) : Module("MLP"), options_(std::move(options)) {}
   Options options_;
   Tensor gate_, up_, act_;  // saved by Forward
   bool has_forward_ = false;

@@ -4,10 +4,10 @@
 // A plan assigns a ParallelStyle (layers/module.h) to leaf modules:
 //   style           on            becomes                    shard
 //   colwise         Linear        ColumnParallelLinear       weight rows (out)
-//   rowwise         Linear        RowParallelLinear          weight columns (in)
-//   vocab_parallel  Embedding     VocabParallelEmbedding     table rows (vocab)
-//   vocab_parallel  Linear        ColumnParallelLinear       weight rows (vocab)
-//   replicate       any leaf      unchanged (full on every rank)
+//   rowwise         Linear        RowParallelLinear          weight columns
+//   (in) vocab_parallel  Embedding     VocabParallelEmbedding     table rows
+//   (vocab) vocab_parallel  Linear        ColumnParallelLinear       weight
+//   rows (vocab) replicate       any leaf      unchanged (full on every rank)
 // Two kinds of plan:
 //   * automatic (ParallelPlan::Auto(), as DeepSpeed AutoTP / vLLM): by the
 //     leaf's name and type -- Linear q_proj, k_proj, v_proj, gate_proj,
@@ -70,6 +70,7 @@
 #ifndef TENSOR_PARALLEL_LAYERS_MODEL_WRAPPER_H_
 #define TENSOR_PARALLEL_LAYERS_MODEL_WRAPPER_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -107,6 +108,10 @@ struct PlanEntry {
   ParallelStyle style = ParallelStyle::kReplicate;
   Shape full_shape;   // of the leaf's "weight"
   Shape shard_shape;  // of this rank's piece of it
+  // Elements of all the leaf's parameters (weight and bias) at TP = 1, and
+  // of this rank's pieces of them.
+  int64_t full_elements = 0;
+  int64_t shard_elements = 0;
 };
 
 // The plan for `root` at TP size `tp_size` without changing anything (a dry
@@ -119,8 +124,7 @@ absl::StatusOr<std::vector<PlanEntry>> ResolvePlan(const Module& root,
 // The entries as an aligned text table with the header
 // "module | type | style | full shape | shard shape", one row per entry,
 // followed by a line "tensor parallel size N: X of Y parameters per rank".
-std::string FormatPlanTable(const std::vector<PlanEntry>& entries,
-                            int tp_size);
+std::string FormatPlanTable(const std::vector<PlanEntry>& entries, int tp_size);
 
 class DistributedModelWrapper {
  public:

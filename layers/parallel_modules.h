@@ -5,9 +5,11 @@
 // which communicator.
 //
 //   type                      wraps                    Forward
-//   "ColumnParallelLinear"    ColumnParallelLinear     [..., in] -> [..., out/tp]
+//   "ColumnParallelLinear"    ColumnParallelLinear     [..., in] -> [...,
+//   out/tp]
 //                             (gather_output = false)  (this rank's features)
-//   "RowParallelLinear"       RowParallelLinear        [..., in/tp] -> [..., out]
+//   "RowParallelLinear"       RowParallelLinear        [..., in/tp] -> [...,
+//   out]
 //                             (input_is_parallel)      (all-reduced)
 //   "VocabParallelEmbedding"  VocabParallelEmbedding   ids [...] -> [..., H]
 //

@@ -1,0 +1,159 @@
+#include "layers/parallel_modules.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/status_macros.h"
+
+namespace tp {
+
+// ---------------------------------------------------------------------------
+// ColumnParallelLinearModule
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<ColumnParallelLinearModule>>
+ColumnParallelLinearModule::Create(Communicator& comm,
+                                   ColumnParallelLinear::Options options) {
+  if (options.gather_output || options.sequence_parallel) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.name,
+        ": ColumnParallelLinearModule needs gather_output = false and "
+        "sequence_parallel = false (got gather_output = ",
+        options.gather_output,
+        ", sequence_parallel = ", options.sequence_parallel, ")"));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<ColumnParallelLinear> layer,
+                   ColumnParallelLinear::Create(comm, std::move(options)));
+  return std::unique_ptr<ColumnParallelLinearModule>(
+      new ColumnParallelLinearModule(comm, std::move(layer)));
+}
+
+absl::StatusOr<Tensor> ColumnParallelLinearModule::Forward(const Tensor& x) {
+  return layer_->Forward(x);
+}
+
+absl::StatusOr<Tensor> ColumnParallelLinearModule::Backward(
+    const Tensor& grad_out) {
+  return layer_->Backward(grad_out);
+}
+
+std::vector<ParameterShard> ColumnParallelLinearModule::LocalParameters()
+    const {
+  return layer_->parameters();
+}
+
+std::vector<ParameterShard> ColumnParallelLinearModule::LocalGrads() const {
+  return layer_->grads();
+}
+
+void ColumnParallelLinearModule::ZeroLocalGrad() { layer_->ZeroGrad(); }
+
+std::string ColumnParallelLinearModule::Describe() const {
+  const auto& o = layer_->options();
+  return absl::StrCat("ColumnParallelLinear(in=", o.in_features,
+                      ", out=", o.out_features, " [", layer_->out_offset(),
+                      ", ", layer_->out_offset() + layer_->local_out_features(),
+                      ") of tp ", comm_.size(),
+                      ", bias=", o.bias ? "true" : "false", ")");
+}
+
+// ---------------------------------------------------------------------------
+// RowParallelLinearModule
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<RowParallelLinearModule>>
+RowParallelLinearModule::Create(Communicator& comm,
+                                RowParallelLinear::Options options) {
+  if (!options.input_is_parallel || options.sequence_parallel) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.name,
+        ": RowParallelLinearModule needs input_is_parallel = true and "
+        "sequence_parallel = false (got input_is_parallel = ",
+        options.input_is_parallel,
+        ", sequence_parallel = ", options.sequence_parallel, ")"));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<RowParallelLinear> layer,
+                   RowParallelLinear::Create(comm, std::move(options)));
+  return std::unique_ptr<RowParallelLinearModule>(
+      new RowParallelLinearModule(comm, std::move(layer)));
+}
+
+absl::StatusOr<Tensor> RowParallelLinearModule::Forward(const Tensor& x) {
+  return layer_->Forward(x);
+}
+
+absl::StatusOr<Tensor> RowParallelLinearModule::Backward(
+    const Tensor& grad_out) {
+  return layer_->Backward(grad_out);
+}
+
+std::vector<ParameterShard> RowParallelLinearModule::LocalParameters() const {
+  return layer_->parameters();
+}
+
+std::vector<ParameterShard> RowParallelLinearModule::LocalGrads() const {
+  return layer_->grads();
+}
+
+void RowParallelLinearModule::ZeroLocalGrad() { layer_->ZeroGrad(); }
+
+std::string RowParallelLinearModule::Describe() const {
+  const auto& o = layer_->options();
+  return absl::StrCat("RowParallelLinear(in=", o.in_features, " [",
+                      layer_->in_offset(), ", ",
+                      layer_->in_offset() + layer_->local_in_features(),
+                      ") of tp ", comm_.size(), ", out=", o.out_features,
+                      ", bias=", o.bias ? "true" : "false", ")");
+}
+
+// ---------------------------------------------------------------------------
+// VocabParallelEmbeddingModule
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<VocabParallelEmbeddingModule>>
+VocabParallelEmbeddingModule::Create(Communicator& comm,
+                                     VocabParallelEmbedding::Options options) {
+  if (options.sequence_parallel) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options.name,
+                     ": VocabParallelEmbeddingModule needs sequence_parallel "
+                     "= false"));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<VocabParallelEmbedding> layer,
+                   VocabParallelEmbedding::Create(comm, std::move(options)));
+  return std::unique_ptr<VocabParallelEmbeddingModule>(
+      new VocabParallelEmbeddingModule(comm, std::move(layer)));
+}
+
+absl::StatusOr<Tensor> VocabParallelEmbeddingModule::Forward(
+    const Tensor& ids) {
+  return layer_->Forward(ids);
+}
+
+absl::StatusOr<Tensor> VocabParallelEmbeddingModule::Backward(
+    const Tensor& grad_out) {
+  RETURN_IF_ERROR(layer_->Backward(grad_out));
+  return Tensor();
+}
+
+std::vector<ParameterShard> VocabParallelEmbeddingModule::LocalParameters()
+    const {
+  return layer_->parameters();
+}
+
+std::vector<ParameterShard> VocabParallelEmbeddingModule::LocalGrads() const {
+  return layer_->grads();
+}
+
+void VocabParallelEmbeddingModule::ZeroLocalGrad() { layer_->ZeroGrad(); }
+
+std::string VocabParallelEmbeddingModule::Describe() const {
+  const auto& o = layer_->options();
+  return absl::StrCat("VocabParallelEmbedding(vocab=", o.vocab_size, " [",
+                      layer_->vocab_start(), ", ",
+                      layer_->vocab_start() + layer_->local_vocab_size(),
+                      ") of tp ", comm_.size(), ", hidden=", o.hidden_size,
+                      ")");
+}
+
+}  // namespace tp
