@@ -17,6 +17,8 @@ packages=(
   libbenchmark-dev
   libopenmpi-dev
   openmpi-bin
+  clang
+  libclang-rt-14-dev
 )
 
 missing=()
