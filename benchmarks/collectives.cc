@@ -5,6 +5,10 @@
 //   bazel run //benchmarks:collectives -- --nproc=4 --minbytes=1024
 //       --maxbytes=16M --stepfactor=2 --iters=30 --dtype=float16   (one line)
 //
+// On a busy host, scheduler delays of milliseconds dominate the medians; run
+// the ranks under a real-time policy then (`chrt -r 10 .../collectives
+// --nproc=2`), with no more ranks than cores (see BENCHMARKS.md).
+//
 // With --nproc=N the program re-launches itself as N ranks (tools/launch.h);
 // it also runs unchanged under tprun, torchrun, mpirun or srun. Every rank
 // Init()s a ProcessGroupManager on the "gloo" backend (TCP store hosted by
