@@ -81,6 +81,11 @@ constexpr size_t kEnvelopeWords = kEnvelopeBytes / sizeof(uint64_t);
 // data all-gather.
 constexpr uint32_t kDataTag = 0;
 constexpr uint32_t kEnvelopeTag = 1;
+constexpr uint32_t kHandshakeTag = 2;
+constexpr uint32_t kGoodbyeTag = 3;
+// The destructor waits at most this long (or the timeout, if shorter) for the
+// other ranks to destroy their communicators too.
+constexpr absl::Duration kMaxGoodbyeWait = absl::Seconds(60);
 // Send/Recv slots: prefix 0x40 is not used by Gloo (its collectives use
 // 0x01-0x08); bits 24..55 hold the message number between the two ranks.
 constexpr uint64_t kP2PSlotPrefix = 0x40;
@@ -377,6 +382,42 @@ void ReduceInRankOrder(DType dtype, ReduceOp op, int n, int64_t count,
   });
 }
 
+// Gloo's reduce-scatter returns from run() without waiting for some of its
+// sends (the notifications, and the data a smaller binary block sends to a
+// larger one): its legacy algorithms are meant to be built once and run
+// many times. Destroying it right away would free buffers that the
+// transport still writes from, and closing the group could cut a peer off
+// before that data is out. This subclass waits for exactly the sends run()
+// issued (the conditions mirror run() in gloo/reduce_scatter.h).
+template <typename T>
+class DrainingReduceScatter : public gloo::ReduceScatterHalvingDoubling<T> {
+ public:
+  using gloo::ReduceScatterHalvingDoubling<T>::ReduceScatterHalvingDoubling;
+
+  void RunAndWaitForSends() {
+    this->run();
+    if (this->contextSize_ == 1) return;
+    for (uint32_t i = 0; i < this->stepsWithinBlock_; ++i) {
+      if (this->sendOffsets_[i] < static_cast<size_t>(this->count_)) {
+        this->sendDataBufs_[i]->waitSend();
+      }
+    }
+    const size_t total_items_to_send =
+        this->stepsWithinBlock_ > 0
+            ? this->recvCounts_[this->stepsWithinBlock_ - 1]
+            : static_cast<size_t>(this->count_);
+    if (this->nextLargerBlockSize_ != 0 && total_items_to_send != 0) {
+      for (size_t i = 0; i < this->largerBlockSendDataBufs_.size(); ++i) {
+        if (this->sendCountToLargerBlock_ * i < total_items_to_send) {
+          this->largerBlockSendDataBufs_[i]->waitSend();
+        }
+      }
+    }
+    for (auto& buffer : this->distSendDataBufs_) buffer->waitSend();
+    for (auto& buffer : this->sendNotificationBufs_) buffer->waitSend();
+  }
+};
+
 // ---- Validation and messages ----
 
 absl::Status ValidateTensor(const Tensor& t, absl::string_view op,
@@ -655,6 +696,22 @@ GlooCommunicator::GlooCommunicator(int rank, int size, absl::Duration timeout,
 GlooCommunicator::~GlooCommunicator() {
   absl::MutexLock lock(&mu_);
   try {
+    if (context_ != nullptr && broken_.ok()) {
+      // Closing a connection poisons every Gloo buffer of the peer on it,
+      // even one whose data has already arrived; a rank that left right
+      // after its last call could fail a peer still finishing that call.
+      // So leave together: a barrier (errors ignored) ensures every rank has
+      // returned from its last call before anyone closes.
+      gloo::BarrierOptions opts(context_);
+      opts.setTag(kGoodbyeTag);
+      opts.setTimeout(std::chrono::milliseconds(absl::ToInt64Milliseconds(
+          std::min(timeout_, kMaxGoodbyeWait))));
+      gloo::barrier(opts);
+    }
+  } catch (const std::exception& e) {
+    VLOG(1) << "gloo: rank " << rank_ << " left without its peers: " << e.what();
+  }
+  try {
     context_.reset();
     device_.reset();
   } catch (...) {
@@ -743,7 +800,43 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
   } catch (...) {
     return StatusFromException("rendezvous", ctx.rank, ctx.size, ctx.timeout);
   }
+  absl::MutexLock lock(&comm->mu_);
+  RETURN_IF_ERROR(comm->Handshake(deadline));
   return comm;
+}
+
+absl::Status GlooCommunicator::Handshake(absl::Time deadline) {
+  // connectFullMesh returns when this rank's connections are up, not every
+  // rank's: a rank that left right after it could cut a slower peer off in
+  // the middle of its rendezvous. An all-gather completes only when every
+  // rank has joined, and compares the settings that must agree.
+  const int64_t mine[3] = {kEnvelopeMagic, options_.check_consistency ? 1 : 0,
+                           static_cast<int64_t>(kGlooInlineBytes)};
+  std::vector<int64_t> all(3 * size_);
+  try {
+    gloo::AllgatherOptions opts(context_);
+    opts.setInput<int64_t>(const_cast<int64_t*>(mine), 3);
+    opts.setOutput<int64_t>(all.data(), all.size());
+    opts.setTag(kHandshakeTag);
+    opts.setTimeout(Remaining(deadline));
+    gloo::allgather(opts);
+  } catch (...) {
+    return StatusFromException("rendezvous", rank_, size_, timeout_);
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (all[3 * r] != mine[0] || all[3 * r + 2] != mine[2]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gloo rendezvous on rank ", rank_, ": rank ", r,
+          " runs an incompatible build of the gloo backend"));
+    }
+    if (all[3 * r + 1] != mine[1]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gloo rendezvous on rank ", rank_, ": gloo.check_consistency is ",
+          mine[1] ? "true" : "false", " here but ", all[3 * r + 1] ? "true" : "false",
+          " on rank ", r, "; every rank must use the same setting"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(
@@ -1120,10 +1213,10 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
       if (in_bytes <= static_cast<size_t>(INT_MAX)) {
         // ReduceScatterHalvingDoubling counts elements and bytes in int.
         std::vector<int> counts(size_, static_cast<int>(out.numel()));
-        gloo::ReduceScatterHalvingDoubling<G> algorithm(
+        DrainingReduceScatter<G> algorithm(
             context_, std::vector<G*>{ptr}, static_cast<int>(in.numel()),
             counts, TypedReduce<G>(op));
-        algorithm.run();
+        algorithm.RunAndWaitForSends();
         std::memcpy(out.raw_data(), ptr, chunk_bytes);
       } else {
         // Beyond 2 GiB: all-reduce the copy and keep this rank's chunk.

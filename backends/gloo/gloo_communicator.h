@@ -34,7 +34,7 @@
 // Turning the check off saves that round trip, but a shape or dtype mismatch
 // may then abort the process inside Gloo (its I/O thread enforces buffer
 // sizes) or give a wrong result. Every rank must use the same setting (a
-// mismatch times out).
+// mismatch fails the rendezvous with kInvalidArgument).
 //
 // Errors: kInvalidArgument for bad or mismatched arguments (the group stays
 // usable); kDeadlineExceeded when a peer does not answer within the timeout;
@@ -52,6 +52,12 @@
 // Signals: creating a group of two or more ranks sets SIGPIPE to SIG_IGN
 // when it still has its default action (Gloo writes to sockets with writev,
 // and a dead peer must fail the collective, not kill this process).
+//
+// Destruction is collective: the destructor waits until every rank has
+// started destroying its communicator (a barrier, bounded by the timeout and
+// at most 60 s) so that no rank closes its connections while a peer is still
+// finishing the last call. Destroy a process's communicators in the same
+// order on every rank. A broken communicator closes at once.
 //
 // Thread safety: calls are serialized by an internal mutex; as for every
 // Communicator, ranks must still issue collectives in the same order, so use
@@ -164,6 +170,9 @@ class GlooCommunicator final : public Communicator {
   GlooCommunicator(int rank, int size, absl::Duration timeout,
                    GlooOptions options, std::string name);
 
+  // Ends the rendezvous: waits until every rank has connected and checks
+  // that all ranks agree on check_consistency (kInvalidArgument otherwise).
+  absl::Status Handshake(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs `fn` (a call into Gloo) and converts any exception to a Status,
   // marking the communicator broken for every error but kInvalidArgument.
   template <typename Fn>
