@@ -74,15 +74,44 @@ absl::Status Indivisible(const std::string& path, const Module& m,
                    " is not divisible by the tensor-parallel size ", tp));
 }
 
-// Checks one leaf's style and fills its plan entry.
+// Whether leaf `m` has a parallel version for `style` (divisibility aside).
+absl::Status CheckLeafStyle(const std::string& path, const Module& m,
+                            ParallelStyle style, bool automatic) {
+  if (m.type() == "ColumnParallelLinear" || m.type() == "RowParallelLinear" ||
+      m.type() == "VocabParallelEmbedding") {
+    return Unsupported(path, m, style, "the model is already parallelised");
+  }
+  if (dynamic_cast<const Linear*>(&m) != nullptr) return absl::OkStatus();
+  if (dynamic_cast<const Embedding*>(&m) != nullptr) {
+    if (style == ParallelStyle::kReplicate ||
+        style == ParallelStyle::kVocabParallel) {
+      return absl::OkStatus();
+    }
+    return Unsupported(path, m, style,
+                       "an Embedding is replicate or vocab_parallel");
+  }
+  if (style != ParallelStyle::kReplicate) {
+    return Unsupported(path, m, style,
+                       IsNorm(m) ? "norms are replicated"
+                                 : "only Linear and Embedding have parallel "
+                                   "versions");
+  }
+  if (automatic && !m.LocalParameters().empty() && !IsNorm(m)) {
+    return Unsupported(path, m, style,
+                       "the automatic plan does not know this type; give an "
+                       "explicit plan (kReplicate keeps it whole)");
+  }
+  return absl::OkStatus();
+}
+
+// Checks the divisibility of a supported leaf's split dimension and fills
+// its plan entry.
 absl::Status PlanLeaf(const std::string& path, const Module& m,
-                      ParallelStyle style, bool automatic, int tp,
-                      PlanEntry* e) {
+                      ParallelStyle style, int tp, PlanEntry* e) {
   e->module = path;
   e->type = m.type();
   e->style = style;
-  const std::vector<ParameterShard> params = m.LocalParameters();
-  for (const ParameterShard& p : params) {
+  for (const ParameterShard& p : m.LocalParameters()) {
     e->full_elements += NumElements(p.full_shape);
     if (p.name == "weight" || e->full_shape.empty())
       e->full_shape = p.full_shape;
@@ -114,31 +143,14 @@ absl::Status PlanLeaf(const std::string& path, const Module& m,
         e->shard_elements = out * (in / tp) + bias * out;
         break;
     }
-    return absl::OkStatus();
-  }
-  if (const auto* emb = dynamic_cast<const Embedding*>(&m)) {
+  } else if (const auto* emb = dynamic_cast<const Embedding*>(&m)) {
     const int64_t v = emb->options().vocab_size;
     const int64_t h = emb->options().hidden_size;
     if (style == ParallelStyle::kVocabParallel) {
       if (v % tp != 0) return Indivisible(path, m, "vocab_size", v, tp);
       e->shard_shape = {v / tp, h};
       e->shard_elements = v / tp * h;
-    } else if (style != ParallelStyle::kReplicate) {
-      return Unsupported(path, m, style,
-                         "an Embedding is replicate or vocab_parallel");
     }
-    return absl::OkStatus();
-  }
-  if (style != ParallelStyle::kReplicate) {
-    return Unsupported(path, m, style,
-                       IsNorm(m) ? "norms are replicated"
-                                 : "only Linear and Embedding have parallel "
-                                   "versions");
-  }
-  if (automatic && !params.empty() && !IsNorm(m)) {
-    return Unsupported(path, m, style,
-                       "the automatic plan does not know this type; give an "
-                       "explicit plan (kReplicate keeps it whole)");
   }
   return absl::OkStatus();
 }
@@ -224,10 +236,8 @@ absl::StatusOr<std::vector<PlanEntry>> ResolvePlan(const Module& root,
                          "only leaves (Linear, Embedding) are parallelised; "
                          "a composite's children are planned one by one");
     }
-    if (m->type() == "ColumnParallelLinear" ||
-        m->type() == "RowParallelLinear" ||
-        m->type() == "VocabParallelEmbedding") {
-      return Unsupported(path, *m, s, "the model is already parallelised");
+    if (m->children().empty()) {
+      RETURN_IF_ERROR(CheckLeafStyle(path, *m, s, plan.automatic));
     }
   }
   // Pass 3: composites accept their children's styles (pre-order, so the
@@ -239,12 +249,12 @@ absl::StatusOr<std::vector<PlanEntry>> ResolvePlan(const Module& root,
     for (const auto& [name, c] : children) child_styles[name] = style[c];
     RETURN_IF_ERROR(m->CheckChildStyles(child_styles, tp_size));
   }
-  // Pass 4: leaves -- type support, divisibility, entries.
+  // Pass 4: leaves -- divisibility and entries.
   std::vector<PlanEntry> entries;
   for (const auto& [path, m] : modules) {
     if (!m->children().empty()) continue;
     PlanEntry e;
-    RETURN_IF_ERROR(PlanLeaf(path, *m, style[m], plan.automatic, tp_size, &e));
+    RETURN_IF_ERROR(PlanLeaf(path, *m, style[m], tp_size, &e));
     if (e.full_elements > 0) entries.push_back(std::move(e));
   }
   return entries;

@@ -23,7 +23,8 @@
 //     matches are replicated. A pattern must be non-empty, use only
 //     [A-Za-z0-9_.*?], and match at least one module.
 // ParallelPlan::Llama() is the explicit plan that equals the automatic one
-// on the decoder's Hugging Face names.
+// on the SwiGLU decoder's Hugging Face names (a GeLU decoder has no
+// gate_proj: that rule would match nothing, which is an error).
 //
 // Checks, all before the tree is touched (kInvalidArgument naming the module
 // path and the values): a style a leaf type does not support (colwise on an
