@@ -15,7 +15,7 @@
 //  - Errors: an undefined tensor, a shape, rank or dtype mismatch, or a bad
 //    dimension gives kInvalidArgument whose message names the op and the
 //    offending shapes/dtypes, e.g.
-//      "ops::Add: shapes differ: a is [2, 3], b is [3, 2]".
+//      "ops::Add: shapes differ: a is float32[2, 3], b is float32[3, 2]".
 //    A tensor on a non-CPU device gives kUnimplemented. Nothing CHECK-fails
 //    on user input.
 //  - Dimensions (`dim`, `d0`, `d1`) may be negative, counting from the end.
@@ -59,8 +59,8 @@ namespace ops {
 // Returns [..., M, N] with a's dtype. a and b must share a floating dtype.
 // kInvalidArgument: a of rank < 2 (or rank != 2 with trans_a), b not 2-D
 // (use BatchMatMul), inner dimensions that differ, dtypes that differ or are
-// not floating. The message names both shapes and the
-// transposes, e.g. "ops::MatMul: a [4, 3] and b [5, 2] (trans_b) have inner
+// not floating. The message names both shapes and the transposes, e.g.
+// "ops::MatMul: a float32[4, 3] and b float32[5, 2] (trans_b) have inner
 // dimensions 3 and 2".
 //
 // Example:
