@@ -12,7 +12,9 @@
 // store rendezvous; --nproc re-launches this binary through tools/launch.h).
 // For each layer and pass, repeats rotate between the layer call and the raw
 // GEMMs it contains, each preceded by an untimed barrier, after untimed
-// warm-up calls; the table shows each side's median, the slowest rank's:
+// warm-up calls; the table shows each side's median and minimum, each the
+// slowest rank's (on a shared machine the minimum is the less disturbed
+// figure):
 //
 //   ColumnParallelLinear  x [T, h] -> [T, f/tp]           raw: 1 sgemm fwd,
 //                                                         3 fwd+bwd (fwd, dX,
@@ -75,7 +77,7 @@ ABSL_FLAG(int, nproc, 1, "Ranks to start on this host (re-launches self).");
 ABSL_FLAG(int64_t, tokens, 512, "Tokens T (rows of the activations).");
 ABSL_FLAG(int64_t, hidden, 4096, "Model width h.");
 ABSL_FLAG(int64_t, ffn, 16384, "MLP / linear intermediate width f.");
-ABSL_FLAG(int, repeats, 3, "Timed repeats per layer and pass (median).");
+ABSL_FLAG(int, repeats, 5, "Timed repeats per layer and pass (median).");
 ABSL_FLAG(int, warmup, 1, "Untimed calls of each side before timing.");
 ABSL_FLAG(std::string, sections, "linear,mlp", "Comma list: linear, mlp.");
 ABSL_FLAG(int, blas_threads, 0,
@@ -111,10 +113,14 @@ absl::StatusOr<double> MaxOverRanks(Communicator& comm, double v) {
   return t.data<double>()[0];
 }
 
+// Median and minimum (ms) of one side, each the slowest rank's.
+struct Timing {
+  double median = 0, min = 0;
+};
+
 // Runs warm-up calls of each side, then `repeats` rounds timing one call of
-// each (each after a barrier); returns the medians in ms of {layer, raw},
-// the slowest rank's.
-absl::StatusOr<std::pair<double, double>> TimePair(
+// each (each after a barrier); returns {layer, raw}.
+absl::StatusOr<std::pair<Timing, Timing>> TimePair(
     Env& env, const std::function<absl::Status()>& layer,
     const std::function<void()>& raw) {
   for (int i = 0; i < env.warmup; ++i) {
@@ -134,9 +140,14 @@ absl::StatusOr<std::pair<double, double>> TimePair(
     rt.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0)
                      .count());
   }
-  ASSIGN_OR_RETURN(double l, MaxOverRanks(*env.tp, Median(lt)));
-  ASSIGN_OR_RETURN(double r, MaxOverRanks(*env.tp, Median(rt)));
-  return std::make_pair(l, r);
+  std::pair<Timing, Timing> out;
+  ASSIGN_OR_RETURN(out.first.median, MaxOverRanks(*env.tp, Median(lt)));
+  ASSIGN_OR_RETURN(out.first.min,
+                   MaxOverRanks(*env.tp, *std::min_element(lt.begin(), lt.end())));
+  ASSIGN_OR_RETURN(out.second.median, MaxOverRanks(*env.tp, Median(rt)));
+  ASSIGN_OR_RETURN(out.second.min,
+                   MaxOverRanks(*env.tp, *std::min_element(rt.begin(), rt.end())));
+  return out;
 }
 
 absl::StatusOr<Tensor> RandomTensor(Shape shape, uint64_t seed) {
@@ -194,19 +205,21 @@ std::string Shape3(int64_t m, int64_t k, int64_t n) {
 void PrintHeader(const Env& env) {
   if (env.tp->rank() != 0) return;
   std::cout << absl::StrFormat(
-      "%-22s %-8s %-34s %10s %10s %9s %10s %7s\n", "# layer", "pass",
-      "local GEMMs (MxKxN)", "layer_ms", "sgemm_ms", "overhead", "GFLOP/s",
-      "#wrong");
+      "%-22s %-8s %-30s %9s %9s %9s %9s %8s %8s %9s %6s\n", "# layer", "pass",
+      "local GEMMs (MxKxN)", "layer_ms", "(min)", "sgemm_ms", "(min)",
+      "overhead", "(min)", "GF/s/rank", "#wrong");
 }
 
 void PrintRow(const Env& env, const std::string& layer, const std::string& pass,
-              const std::string& shapes, double layer_ms, double raw_ms,
+              const std::string& shapes, const Timing& l, const Timing& r,
               double flops, int64_t wrong) {
   if (env.tp->rank() != 0) return;
   std::cout << absl::StrFormat(
-                   "%-22s %-8s %-34s %10.2f %10.2f %8.1f%% %10.1f %7d\n", layer,
-                   pass, shapes, layer_ms, raw_ms,
-                   100.0 * (layer_ms / raw_ms - 1.0), flops / layer_ms * 1e-6,
+                   "%-22s %-8s %-30s %9.1f %9.1f %9.1f %9.1f %7.1f%% %7.1f%% "
+                   "%9.1f %6d\n",
+                   layer, pass, shapes, l.median, l.min, r.median, r.min,
+                   100.0 * (l.median / r.median - 1.0),
+                   100.0 * (l.min / r.min - 1.0), flops / l.median * 1e-6,
                    wrong)
             << std::flush;
 }
@@ -281,8 +294,8 @@ absl::Status BenchColumn(Env& env) {
   PrintRow(env, "ColumnParallelLinear", "fwd", Shape3(T, h, fl), tf.first,
            tf.second, gemm, wf);
   PrintRow(env, "ColumnParallelLinear", "fwd+bwd",
-           absl::StrCat(Shape3(T, h, fl), " +2"), tb.first, tb.second, 3 * gemm,
-           wb);
+           absl::StrCat(Shape3(T, h, fl), " +2"), tb.first, tb.second,
+           3 * gemm, wb);
   return absl::OkStatus();
 }
 
@@ -370,8 +383,8 @@ double Gelu(double x) {
 }
 
 // Times the GeLU MLP over `comm` (whose size is the TP degree); returns the
-// fwd+bwd layer median in ms.
-absl::StatusOr<double> BenchMlp(Env& env, const std::string& label) {
+// fwd+bwd layer timing.
+absl::StatusOr<Timing> BenchMlp(Env& env, const std::string& label) {
   const int tp = env.tp->size();
   const int64_t T = env.T, h = env.h, fl = env.f / tp;
   ParallelMLP::Options o;
@@ -497,6 +510,7 @@ absl::Status Run() {
   const int local_ranks = pg->launch_env().local_world_size;
   env.threads = ThreadsPerRank(local_ranks);
   openblas_set_num_threads(env.threads);
+  env.threads = openblas_get_num_threads();
 
   bool linear = false, mlp = false;
   for (absl::string_view s :
@@ -524,26 +538,28 @@ absl::Status Run() {
     RETURN_IF_ERROR(BenchColumn(env));
     RETURN_IF_ERROR(BenchRow(env));
   }
-  double mlp_ms = 0;
+  Timing mlp_t;
   if (mlp) {
-    ASSIGN_OR_RETURN(mlp_ms, BenchMlp(env, absl::StrCat("ParallelMLP tp=", tp)));
+    ASSIGN_OR_RETURN(mlp_t, BenchMlp(env, absl::StrCat("ParallelMLP tp=", tp)));
   }
   if (mlp && pg->world_size() > 1 && absl::GetFlag(FLAGS_tp1_baseline)) {
     // Rank 0 alone, on every thread the job used; the others wait.
     if (pg->rank() == 0) {
       ASSIGN_OR_RETURN(std::unique_ptr<Communicator> solo, pg->NewGroup({0}));
-      const int all_threads = env.threads * local_ranks;
-      openblas_set_num_threads(all_threads);
+      openblas_set_num_threads(env.threads * local_ranks);
+      const int all_threads = openblas_get_num_threads();
       Env base = env;
       base.tp = solo.get();
-      ASSIGN_OR_RETURN(double base_ms,
+      ASSIGN_OR_RETURN(Timing base_t,
                        BenchMlp(base, absl::StrCat("ParallelMLP tp=1 x",
                                                    all_threads, "thr")));
       env.wrong = base.wrong;
       std::cout << absl::StrFormat(
           "# MLP fwd+bwd speed, TP=%d (%d processes x %d threads) relative to "
-          "TP=1 (1 process x %d threads): %.3f (goal >= 0.9)\n",
-          tp, local_ranks, env.threads, all_threads, base_ms / mlp_ms);
+          "TP=1 (1 process x %d threads): %.3f by medians, %.3f by minima "
+          "(goal >= 0.9)\n",
+          tp, local_ranks, env.threads, all_threads,
+          base_t.median / mlp_t.median, base_t.min / mlp_t.min);
     }
     RETURN_IF_ERROR(pg->world().Barrier());
   }
