@@ -1,8 +1,10 @@
 #include "runtime/safetensors.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -51,15 +53,12 @@ const FormatDType* FindFormatDType(absl::string_view name) {
   return nullptr;
 }
 
-// Pages touched by a read are released in steps of this many bytes, so a
-// strided read of a huge tensor never holds more than this much of the
-// mapping resident.
-constexpr uint64_t kReleaseStep = 8 << 20;
-// A fault can map more than the faulting page: Linux maps already-cached
-// neighbours ("fault-around", 64 KB by default) and, with large page-cache
-// folios (ext4 and xfs on recent kernels), whole folios of up to 2 MB.
-// Releases are widened by this much so that those pages go too.
-constexpr uint64_t kFaultAround = 2 << 20;
+// Reads are batched: runs of bytes (in file order) separated by gaps of
+// fewer than kMaxGap bytes, spanning at most kWindow bytes, are read with one
+// system call (preadv into the destinations when they touch, else pread into
+// a bounce buffer of kWindow bytes and scattered). Longer gaps are skipped.
+constexpr uint64_t kMaxGap = 4096;
+constexpr uint64_t kWindow = 256 << 10;
 
 std::string Quote(absl::string_view s) {
   // Tensor names come from untrusted files: show them escaped and bounded.
@@ -205,49 +204,6 @@ absl::StatusOr<SafetensorsTensorInfo> ParseEntry(absl::string_view path,
   return info;
 }
 
-// Copies `rows` rows of `row_bytes` from a contiguous-row source into the
-// strided destination `dst` (row-major over dst's shape). Source row r starts
-// at src_row_offset(r) bytes from `src`. Calls release(done) with the source
-// offset below which no byte will be read again, every kReleaseStep bytes.
-template <typename RowOffset, typename Release>
-void CopyRows(const char* src, Tensor& dst, RowOffset src_row_offset,
-              Release release) {
-  const Shape& shape = dst.shape();
-  const std::vector<int64_t>& strides = dst.strides();
-  const int nd = dst.ndim();
-  const size_t es = dst.element_size();
-  char* base = static_cast<char*>(dst.raw_data());
-  const int64_t inner = nd == 0 ? 1 : shape[nd - 1];
-  const int64_t inner_stride = nd == 0 ? 1 : strides[nd - 1];
-  std::vector<int64_t> index(nd > 0 ? nd - 1 : 0, 0);
-  uint64_t released = 0;
-  for (int64_t row = 0;; ++row) {
-    int64_t doff = 0;
-    for (int d = 0; d < nd - 1; ++d) doff += index[d] * strides[d];
-    const uint64_t soff = src_row_offset(row);
-    if (soff >= released + kReleaseStep) {
-      release(soff);
-      released = soff;
-    }
-    const char* s = src + soff;
-    char* out = base + doff * static_cast<int64_t>(es);
-    if (inner_stride == 1) {
-      std::memcpy(out, s, static_cast<size_t>(inner) * es);
-    } else {
-      for (int64_t i = 0; i < inner; ++i) {
-        std::memcpy(out + i * inner_stride * static_cast<int64_t>(es),
-                    s + i * static_cast<int64_t>(es), es);
-      }
-    }
-    int d = nd - 2;
-    for (; d >= 0; --d) {
-      if (++index[d] < shape[d]) break;
-      index[d] = 0;
-    }
-    if (d < 0) break;
-  }
-}
-
 }  // namespace
 
 absl::string_view SafetensorsDTypeName(DType dtype) {
@@ -302,21 +258,21 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
   }
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  file->size_ = static_cast<size_t>(st.st_size);
-  if (file->size_ > 0) {
-    void* p =
-        ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, /*offset=*/0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      return absl::ErrnoToStatus(err, absl::StrCat(FilePrefix(path), "mmap"));
-    }
-    file->mapping_ = p;
-    file->mapping_size_ = file->size_;
-    file->bytes_ = static_cast<const char*>(p);
+  file->fd_ = fd;  // Kept open for pread; closed by the destructor.
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size == 0) return Parse(std::move(file), "", 0);
+  // The header is validated in place in a mapping of the file's first bytes,
+  // unmapped again before returning; tensor data is read with pread.
+  const size_t map_size = static_cast<size_t>(
+      std::min<uint64_t>(size, 8 + kSafetensorsMaxHeaderSize));
+  void* p = ::mmap(nullptr, map_size, PROT_READ, MAP_PRIVATE, fd, /*offset=*/0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    return absl::ErrnoToStatus(err, absl::StrCat(FilePrefix(path), "mmap"));
   }
-  ::close(fd);  // The mapping stays valid.
-  return Parse(std::move(file));
+  auto parsed = Parse(std::move(file), static_cast<const char*>(p), size);
+  ::munmap(p, map_size);
+  return parsed;
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>>
@@ -324,41 +280,41 @@ SafetensorsFile::OpenFromBuffer(std::string bytes, std::string display_name) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = std::move(display_name);
   file->owned_ = std::move(bytes);
-  file->bytes_ = file->owned_.data();
-  file->size_ = file->owned_.size();
-  return Parse(std::move(file));
+  const char* data = file->owned_.data();
+  const uint64_t size = file->owned_.size();
+  return Parse(std::move(file), data, size);
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(
-    std::unique_ptr<SafetensorsFile> file) {
+    std::unique_ptr<SafetensorsFile> file, const char* bytes, uint64_t size) {
   const std::string& path = file->path_;
-  if (file->size_ < 8) {
+  if (size < 8) {
     return absl::DataLossError(
-        absl::StrCat(FilePrefix(path), "file is ", file->size_,
+        absl::StrCat(FilePrefix(path), "file is ", size,
                      " bytes, too short for the 8-byte header length"));
   }
-  const uint64_t header_size = LoadLE64(file->bytes_);
+  const uint64_t header_size = LoadLE64(bytes);
   if (header_size > kSafetensorsMaxHeaderSize) {
     return absl::InvalidArgumentError(absl::StrCat(
         FilePrefix(path), "header length ", header_size,
         " exceeds the limit of ", kSafetensorsMaxHeaderSize, " bytes"));
   }
-  if (header_size > file->size_ - 8) {
+  if (header_size > size - 8) {
     return absl::DataLossError(absl::StrCat(
-        FilePrefix(path), "header length ", header_size, " but only ",
-        file->size_ - 8, " bytes follow the length (file truncated?)"));
+        FilePrefix(path), "header length ", header_size, " but only ", size - 8,
+        " bytes follow the length (file truncated?)"));
   }
-  const char* header = file->bytes_ + 8;
+  const char* header = bytes + 8;
   if (header_size == 0 || header[0] != '{') {
     return absl::InvalidArgumentError(
         absl::StrCat(FilePrefix(path), "header does not start with '{'"));
   }
-  file->buffer_ = header + header_size;
-  file->buffer_size_ = file->size_ - 8 - header_size;
+  file->buffer_offset_ = 8 + header_size;
+  file->buffer_size_ = size - 8 - header_size;
 
   // Parse without exceptions; the callback records duplicate keys at every
   // level (nlohmann keeps the last of duplicates silently).
@@ -477,10 +433,6 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(
     std::string name = info.name;
     file->entries_.emplace(std::move(name), std::move(info));
   }
-  // The header has been parsed; its pages are not needed any more.
-  if (file->mapping_ != nullptr) {
-    file->ReleasePages(0, 0);
-  }
   return file;
 }
 
@@ -519,39 +471,127 @@ absl::StatusOr<const SafetensorsTensorInfo*> SafetensorsFile::FindReadable(
   return info;
 }
 
-void SafetensorsFile::ReleasePages(uint64_t begin, uint64_t end) const {
-  if (mapping_ == nullptr) return;
-  // Absolute offsets in the mapping, widened by the fault-around window and
-  // rounded out to pages. The header (before the buffer) is always included
-  // when begin == 0 so that Parse can release it.
-  static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t buffer_start = static_cast<uint64_t>(buffer_ - bytes_);
-  uint64_t lo = begin == 0 ? 0 : buffer_start + begin;
-  uint64_t hi = buffer_start + end;
-  lo = lo > kFaultAround ? lo - kFaultAround : 0;
-  hi = std::min<uint64_t>(hi + kFaultAround, mapping_size_);
-  lo = lo / page * page;
-  hi = (hi + page - 1) / page * page;
-  if (hi <= lo) return;
-  // MADV_DONTNEED on a private read-only file mapping drops our page table
-  // entries; a later access faults the pages in again from the page cache.
-  ::madvise(static_cast<char*>(mapping_) + lo, hi - lo, MADV_DONTNEED);
+absl::Status SafetensorsFile::ReadAt(char* out, uint64_t off,
+                                     uint64_t n) const {
+  if (fd_ < 0) {
+    if (n > 0) std::memcpy(out, owned_.data() + buffer_offset_ + off, n);
+    return absl::OkStatus();
+  }
+  const uint64_t file_off = buffer_offset_ + off;
+  for (uint64_t done = 0; done < n;) {
+    const ssize_t r =
+        ::pread(fd_, out + done, std::min<uint64_t>(n - done, 1 << 30),
+                static_cast<off_t>(file_off + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      return absl::ErrnoToStatus(
+          err,
+          absl::StrCat(FilePrefix(path_), "pread at byte ", file_off + done));
+    }
+    if (r == 0) {
+      return absl::DataLossError(
+          absl::StrCat(FilePrefix(path_), "file ends before byte ",
+                       file_off + done, " (truncated while open?)"));
+    }
+    done += static_cast<uint64_t>(r);
+  }
+  return absl::OkStatus();
 }
+
+// Collects the runs of one read, in increasing source order, into batches
+// read with one system call each (see kMaxGap, kWindow).
+class SafetensorsFile::RunReader {
+ public:
+  explicit RunReader(const SafetensorsFile& file) : file_(file) {}
+
+  // Copies buffer bytes [src, src + n) to `dst`, now or at the next Flush.
+  absl::Status Add(char* dst, uint64_t src, uint64_t n) {
+    if (n == 0) return absl::OkStatus();
+    if (file_.fd_ < 0) return file_.ReadAt(dst, src, n);  // in memory
+    if (!runs_.empty() && src >= end_ && src - end_ < kMaxGap &&
+        src + n - begin_ <= kWindow && runs_.size() < kMaxRuns) {
+      gaps_ = gaps_ || src != end_;
+      end_ = src + n;
+      runs_.push_back({dst, src, n});
+      return absl::OkStatus();
+    }
+    RETURN_IF_ERROR(Flush());
+    if (n >= kWindow) return file_.ReadAt(dst, src, n);
+    runs_.push_back({dst, src, n});
+    begin_ = src;
+    end_ = src + n;
+    gaps_ = false;
+    return absl::OkStatus();
+  }
+
+  absl::Status Flush() {
+    if (runs_.empty()) return absl::OkStatus();
+    absl::Status s = FlushBatch();
+    runs_.clear();
+    return s;
+  }
+
+ private:
+  struct Run {
+    char* dst;
+    uint64_t src;
+    uint64_t n;
+  };
+  static constexpr size_t kMaxRuns = IOV_MAX;
+
+  absl::Status FlushBatch() {
+    if (runs_.size() == 1) {
+      return file_.ReadAt(runs_[0].dst, runs_[0].src, runs_[0].n);
+    }
+    if (gaps_) {
+      // Read the span once, then scatter; the gaps are under a page each.
+      bounce_.resize(kWindow);
+      RETURN_IF_ERROR(file_.ReadAt(bounce_.data(), begin_, end_ - begin_));
+      for (const Run& r : runs_) {
+        std::memcpy(r.dst, bounce_.data() + (r.src - begin_), r.n);
+      }
+      return absl::OkStatus();
+    }
+    // Touching runs: one preadv straight into the destinations.
+    std::vector<struct iovec> iov(runs_.size());
+    for (size_t i = 0; i < runs_.size(); ++i) {
+      iov[i].iov_base = runs_[i].dst;
+      iov[i].iov_len = runs_[i].n;
+    }
+    ssize_t r;
+    do {
+      r = ::preadv(file_.fd_, iov.data(), static_cast<int>(iov.size()),
+                   static_cast<off_t>(file_.buffer_offset_ + begin_));
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) r = 0;  // ReadAt below reports the error, if it persists.
+    // Finish what a short read left, run by run.
+    uint64_t got = static_cast<uint64_t>(r);
+    for (const Run& run : runs_) {
+      if (got >= run.n) {
+        got -= run.n;
+        continue;
+      }
+      RETURN_IF_ERROR(file_.ReadAt(run.dst + got, run.src + got, run.n - got));
+      got = 0;
+    }
+    return absl::OkStatus();
+  }
+
+  const SafetensorsFile& file_;
+  std::vector<Run> runs_;
+  uint64_t begin_ = 0;
+  uint64_t end_ = 0;
+  bool gaps_ = false;
+  std::vector<char> bounce_;
+};
 
 absl::StatusOr<Tensor> SafetensorsFile::Read(absl::string_view name) const {
   ASSIGN_OR_RETURN(const SafetensorsTensorInfo* info,
                    FindReadable(name, "SafetensorsFile::Read"));
   Tensor t = Tensor::Empty(info->shape, *info->dtype);
-  const uint64_t nbytes = info->data_end - info->data_begin;
-  if (nbytes == 0) return t;
-  char* out = static_cast<char*>(t.raw_data());
-  // Copy in steps so that the pages already copied can be released.
-  for (uint64_t done = 0; done < nbytes;) {
-    const uint64_t n = std::min<uint64_t>(kReleaseStep, nbytes - done);
-    std::memcpy(out + done, buffer_ + info->data_begin + done, n);
-    ReleasePages(info->data_begin + done, info->data_begin + done + n);
-    done += n;
-  }
+  RETURN_IF_ERROR(ReadAt(static_cast<char*>(t.raw_data()), info->data_begin,
+                         info->data_end - info->data_begin));
   return t;
 }
 
@@ -625,43 +665,57 @@ absl::Status SafetensorsFile::ReadSliceInto(absl::string_view name, int dim,
   if (dst.numel() == 0) return absl::OkStatus();
 
   const std::vector<int64_t> src_strides = ContiguousStrides(full);
-  const int64_t es = static_cast<int64_t>(info->element_size);
+  const uint64_t es = info->element_size;
   const uint64_t base = info->data_begin;
-  // Byte offset (in the buffer) of row `row` of the slice, rows being the
-  // innermost dimension of dst's shape, numbered row-major.
-  std::vector<int64_t> row_dims(dst.shape().begin(), dst.shape().end() - 1);
-  auto row_offset = [&](int64_t row) -> uint64_t {
-    int64_t elem = start * src_strides[d];
-    for (int k = nd - 2; k >= 0; --k) {
-      const int64_t i = row % row_dims[k];
-      row /= row_dims[k];
-      elem += i * src_strides[k];
-    }
-    return base + static_cast<uint64_t>(elem * es);
-  };
-  auto release = [&](uint64_t upto) { ReleasePages(base, upto); };
+  char* out = static_cast<char*>(dst.raw_data());
+  RunReader reader(*this);
   if (dst.is_contiguous()) {
-    // The slice is `outer` contiguous blocks of length * inner elements.
+    // The slice is `outer` runs of length * inner elements, in file order.
     int64_t outer = 1;
     for (int k = 0; k < d; ++k) outer *= full[k];
-    const int64_t inner = src_strides[d];
-    const int64_t block = length * inner * es;
-    char* out = static_cast<char*>(dst.raw_data());
-    uint64_t released = base;
+    const uint64_t inner = static_cast<uint64_t>(src_strides[d]);
+    const uint64_t run = static_cast<uint64_t>(length) * inner * es;
     for (int64_t o = 0; o < outer; ++o) {
       const uint64_t soff =
-          base + static_cast<uint64_t>((o * full[d] + start) * inner * es);
-      if (soff >= released + kReleaseStep) {
-        release(soff);
-        released = soff;
-      }
-      std::memcpy(out + o * block, buffer_ + soff, static_cast<size_t>(block));
+          base + (static_cast<uint64_t>(o * full[d] + start)) * inner * es;
+      RETURN_IF_ERROR(reader.Add(out + o * run, soff, run));
     }
   } else {
-    CopyRows(buffer_, dst, row_offset, release);
+    // A strided destination: one run per innermost row of dst (one per
+    // element if that row is strided too), in file order.
+    const Shape& shape = dst.shape();
+    const std::vector<int64_t>& strides = dst.strides();
+    const int64_t inner = shape[nd - 1];
+    const int64_t inner_stride = strides[nd - 1];
+    std::vector<int64_t> index(nd - 1, 0);
+    while (true) {
+      int64_t doff = 0;
+      int64_t soff = start * src_strides[d];
+      for (int k = 0; k < nd - 1; ++k) {
+        doff += index[k] * strides[k];
+        soff += index[k] * src_strides[k];
+      }
+      const uint64_t src = base + static_cast<uint64_t>(soff) * es;
+      char* row = out + doff * static_cast<int64_t>(es);
+      if (inner_stride == 1) {
+        RETURN_IF_ERROR(
+            reader.Add(row, src, static_cast<uint64_t>(inner) * es));
+      } else {
+        for (int64_t i = 0; i < inner; ++i) {
+          RETURN_IF_ERROR(
+              reader.Add(row + i * inner_stride * static_cast<int64_t>(es),
+                         src + static_cast<uint64_t>(i) * es, es));
+        }
+      }
+      int k = nd - 2;
+      for (; k >= 0; --k) {
+        if (++index[k] < shape[k]) break;
+        index[k] = 0;
+      }
+      if (k < 0) break;
+    }
   }
-  ReleasePages(base, info->data_end);
-  return absl::OkStatus();
+  return reader.Flush();
 }
 
 // ---- Writer ----

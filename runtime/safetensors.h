@@ -10,16 +10,26 @@
 //     [begin, end) relative to the buffer start. The tensors cover the buffer
 //     exactly (no gaps, no overlaps, nothing after the last one).
 //
-// Reading maps the file (mmap, read-only, private) and validates the whole
-// header at Open: header length against the file size and a 100 MB cap, the
-// JSON, every entry (known dtype; shape of non-negative integers; end - begin
-// == elements * element size without overflow; offsets ordered, inside the
-// buffer, non-overlapping, no gaps), and no duplicate keys. A Read copies the
-// tensor's bytes out of the mapping; ReadSlice and ReadSliceInto copy only the
-// bytes of one slice, so a rank that loads its shard of a large tensor faults
-// in only the pages of that shard. The pages a read touched are released from
-// the process (madvise(MADV_DONTNEED)) once copied, so a reader's resident
-// memory grows by what it copies out, not by the file.
+// Open maps the start of the file (mmap, read-only, private) and validates
+// the whole header in place: header length against the file size and a
+// 100 MB cap, the JSON, every entry (known dtype; shape of non-negative
+// integers; end - begin == elements * element size without overflow; offsets
+// ordered, inside the buffer, non-overlapping, no gaps), and no duplicate
+// keys; then it unmaps it and keeps the file open.
+//
+// Reads copy only the bytes of the requested tensor or slice (ReadSlice,
+// ReadSliceInto), with pread straight into the destination: a dim-0 slice is
+// one run of bytes, a slice along another dim one run per row. Runs closer
+// than 4 KB to each other are gathered into one system call (preadv into the
+// destination rows when they touch, else one pread of the span, at most
+// 256 KB, into a bounce buffer). So a rank that loads its shard of a large
+// tensor reads only that shard (plus, for rows shorter than a page, the gaps
+// between them), and none of the file's pages ever counts toward the
+// process's resident memory: it grows by what the read copies out plus at
+// most 256 KB. (Copying out of a mapping instead would keep mapped pages
+// resident -- the kernel maps whole page-cache folios of up to 2 MB around
+// each touched page -- which measured 3-4 MB of extra peak per reader; see
+// BENCHMARKS.md.) A file truncated while open gives kDataLoss, not a fault.
 //
 // Dtypes: F32, F64, F16, BF16, I32, I64 map to tp::DType and can be read.
 // The format's other dtypes (BOOL, U8, I8, I16, U16, U32, U64, F8_E4M3,
@@ -28,9 +38,10 @@
 // Error codes (the message names the file and, when there is one, the
 // tensor):
 //   kNotFound          the file, or a tensor name, does not exist;
-//   kDataLoss          the file is shorter than its header says (a header
-//                      length past the end of the file, a tensor whose bytes
-//                      end past the end of the file, missing trailing bytes);
+//   kDataLoss          the file is shorter than its header says (shorter
+//                      than 8 bytes, a header length past the end of the
+//                      file, a tensor whose bytes end past the end of the
+//                      file), or that became shorter while open;
 //   kInvalidArgument   anything else malformed in the file, or a bad argument
 //                      (slice out of range, destination of the wrong shape);
 //   kUnimplemented     reading a dtype that has no tp::DType;
@@ -38,8 +49,9 @@
 //                      kPermissionDenied.
 //
 // Thread safety: a SafetensorsFile is immutable after Open; its const methods
-// may be called concurrently. The file must not be truncated while it is open
-// (WriteSafetensors replaces files by rename, which is safe).
+// may be called concurrently (pread has no shared file position). It holds
+// the file open until destroyed, so a file replaced by rename (as
+// WriteSafetensors does) keeps being read from its old contents.
 //
 // Example:
 //   RETURN_IF_ERROR(tp::WriteSafetensors("/tmp/m.safetensors",
@@ -95,8 +107,9 @@ struct SafetensorsTensorInfo {
 
 class SafetensorsFile {
  public:
-  // Maps and validates the file at `path`. On success the returned object
-  // owns the mapping (unmapped on destruction). Errors: see the file comment.
+  // Opens and validates the file at `path`. On success the returned object
+  // owns the open file descriptor (closed on destruction). Errors: see the
+  // file comment.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(
       const std::string& path);
   // Same validation over bytes held in memory (the object keeps its own copy
@@ -142,23 +155,27 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  class RunReader;
+  // Validates the 8-byte length and the header at the start of `bytes` (the
+  // first min(size, 8 + kSafetensorsMaxHeaderSize) bytes of a file of `size`
+  // bytes) and fills `file`'s entries.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Parse(
-      std::unique_ptr<SafetensorsFile> file);
+      std::unique_ptr<SafetensorsFile> file, const char* bytes, uint64_t size);
   const SafetensorsTensorInfo* Find(absl::string_view name) const;
   absl::StatusOr<const SafetensorsTensorInfo*> FindReadable(
       absl::string_view name, absl::string_view caller) const;
-  // Hands pages of the mapping covering buffer bytes [begin, end) back to
-  // the kernel (no-op for a buffer opened from memory).
-  void ReleasePages(uint64_t begin, uint64_t end) const;
+  // Copies buffer bytes [off, off + n) to `out` (pread from the file, or
+  // memcpy from the owned bytes). kDataLoss when the file has become
+  // shorter; errno codes for I/O errors.
+  absl::Status ReadAt(char* out, uint64_t off, uint64_t n) const;
 
   std::string path_;
-  // Either a mapping (mapping_ != nullptr) or owned bytes.
-  void* mapping_ = nullptr;
-  size_t mapping_size_ = 0;
+  // The open file (read with pread), or -1 for a buffer opened from memory.
+  int fd_ = -1;
+  // The bytes of a buffer opened from memory.
   std::string owned_;
-  const char* bytes_ = nullptr;  // the whole file
-  size_t size_ = 0;
-  const char* buffer_ = nullptr;  // start of the byte buffer
+  // Where the byte buffer starts in the file, and its size.
+  uint64_t buffer_offset_ = 0;
   uint64_t buffer_size_ = 0;
 
   std::vector<std::string> names_;
