@@ -79,7 +79,9 @@ ABSL_FLAG(int64_t, hidden, 4096, "Model width h.");
 ABSL_FLAG(int64_t, ffn, 16384, "MLP / linear intermediate width f.");
 ABSL_FLAG(int, repeats, 5, "Timed repeats per layer and pass (median).");
 ABSL_FLAG(int, warmup, 1, "Untimed calls of each side before timing.");
-ABSL_FLAG(std::string, sections, "linear,mlp", "Comma list: linear, mlp.");
+ABSL_FLAG(std::string, sections, "elementwise,linear,mlp",
+          "Comma list: elementwise (the non-GEMM ops inside the layers), "
+          "linear, mlp.");
 ABSL_FLAG(int, blas_threads, 0,
           "OpenBLAS threads per rank; 0: OPENBLAS_NUM_THREADS if set, else "
           "cores / local ranks.");
@@ -477,6 +479,49 @@ absl::StatusOr<Timing> BenchMlp(Env& env, const std::string& label) {
   return tb.first;
 }
 
+// The non-GEMM work inside the layers, on this rank's [T, f/tp] activation:
+// where a layer's overhead over its GEMMs goes.
+absl::Status BenchElementwise(Env& env) {
+  const int64_t T = env.T, fl = env.f / env.tp->size();
+  ASSIGN_OR_RETURN(Tensor a, RandomTensor({T, fl}, 41));
+  ASSIGN_OR_RETURN(Tensor g, RandomTensor({T, fl}, 42));
+  ASSIGN_OR_RETURN(Tensor b, RandomTensor({fl}, 43));
+  struct Item {
+    const char* name;
+    std::function<absl::Status()> fn;
+  };
+  const std::vector<Item> items = {
+      {"ops::AddBias", [&] { return ops::AddBias(a, b).status(); }},
+      {"ops::BiasGrad", [&] { return ops::BiasGrad(g).status(); }},
+      {"ops::GeLU", [&] { return ops::GeLU(a).status(); }},
+      {"ops::GeLUBackward", [&] { return ops::GeLUBackward(g, a).status(); }},
+      {"Tensor::Empty+fill", [&] {
+         Tensor t = Tensor::Empty({T, fl}, DType::kFloat32);
+         std::fill_n(t.data<float>(), t.numel(), 1.0f);
+         return absl::OkStatus();
+       }},
+  };
+  for (const Item& item : items) {
+    std::vector<double> ms;
+    for (int i = 0; i < env.warmup + env.repeats; ++i) {
+      const Clock::time_point t0 = Clock::now();
+      RETURN_IF_ERROR(item.fn());
+      if (i >= env.warmup) {
+        ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0)
+                         .count());
+      }
+    }
+    ASSIGN_OR_RETURN(double med, MaxOverRanks(*env.tp, Median(ms)));
+    ASSIGN_OR_RETURN(double mn, MaxOverRanks(*env.tp,
+                                             *std::min_element(ms.begin(), ms.end())));
+    if (env.tp->rank() == 0) {
+      std::cout << absl::StrFormat("# %-20s on [%d, %d]: %8.1f ms (min %.1f)\n",
+                                   item.name, T, fl, med, mn);
+    }
+  }
+  return absl::OkStatus();
+}
+
 int ThreadsPerRank(int local_ranks) {
   if (absl::GetFlag(FLAGS_blas_threads) > 0) return absl::GetFlag(FLAGS_blas_threads);
   const char* env = std::getenv("OPENBLAS_NUM_THREADS");
@@ -512,16 +557,18 @@ absl::Status Run() {
   openblas_set_num_threads(env.threads);
   env.threads = openblas_get_num_threads();
 
-  bool linear = false, mlp = false;
+  bool linear = false, mlp = false, elementwise = false;
   for (absl::string_view s :
        absl::StrSplit(absl::GetFlag(FLAGS_sections), ',', absl::SkipEmpty())) {
     if (s == "linear") {
       linear = true;
     } else if (s == "mlp") {
       mlp = true;
+    } else if (s == "elementwise") {
+      elementwise = true;
     } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--sections: unknown section '", s, "' (linear, mlp)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--sections: unknown section '", s, "' (linear, mlp, elementwise)"));
     }
   }
   if (pg->rank() == 0) {
@@ -533,6 +580,7 @@ absl::Status Run() {
         static_cast<int>(std::thread::hardware_concurrency()), env.T, env.h,
         env.f, env.repeats, env.warmup);
   }
+  if (elementwise) RETURN_IF_ERROR(BenchElementwise(env));
   PrintHeader(env);
   if (linear) {
     RETURN_IF_ERROR(BenchColumn(env));
