@@ -29,11 +29,20 @@
 //     a model.safetensors.index.json whose "weight_map" names the file of
 //     each full tensor, or the path of a single .safetensors file.
 // For each parameter it reads, from the files whose slices overlap its
-// shard, only the overlapping bytes (SafetensorsFile::ReadSliceInto), and
-// files that hold nothing of its shards are never opened; pages are released
-// after each copy. Peak memory is therefore the parameters themselves plus a
-// few MB (see BENCHMARKS.md). Tensors of the checkpoint that match no
-// parameter are ignored; a parameter missing from the checkpoint is an error.
+// shard, only the overlapping bytes, straight into the parameter
+// (SafetensorsFile::ReadSliceInto: pread, no file page stays resident); files
+// that hold nothing of its shards are never opened. Peak memory is therefore
+// the parameters themselves plus under 1 MB (BENCHMARKS.md, "Checkpoint
+// loading memory"). Tensors of the checkpoint that match no parameter are
+// ignored; a parameter missing from the checkpoint is an error. Dtypes are
+// not converted: a parameter's dtype must be the checkpoint's.
+//
+// Interoperability: every file is a valid safetensors file, but a split
+// tensor appears in several rank files under the same name, so tools that
+// expect whole tensors (Hugging Face transformers) can read a checkpoint
+// saved at TP = 1 (one rank file holding every tensor whole, and a
+// weight_map naming it), not a sharded one. Load a sharded checkpoint at
+// TP = 1 and save it again to convert it.
 //
 // Errors (the message names the checkpoint path and the tensor):
 //   kInvalidArgument   bad arguments (rank/size, a ParameterShard whose tensor

@@ -5,7 +5,7 @@
 # tests/runtime/safetensors_fuzz.cc and the reader's sources from the
 # runfiles with clang++ -fsanitize=fuzzer,address,undefined into
 # $TEST_TMPDIR, then runs it on the seed corpus (tests/runtime/
-# safetensors_corpus) with a dictionary for FUZZ_SECONDS (default 20).
+# safetensors_corpus) with a dictionary for FUZZ_SECONDS (default 15).
 # It passes when the fuzzer finds no crash, leak or sanitizer error and ran
 # at least MIN_RUNS inputs. Without clang++ or its libFuzzer runtime
 # (Debian: clang, libclang-rt-14-dev) it prints SKIPPED and passes.
@@ -15,7 +15,7 @@
 #     --test_env=FUZZ_SECONDS=600 --test_timeout=900 --test_output=streamed
 set -euo pipefail
 
-FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 MIN_RUNS="${MIN_RUNS:-10000}"
 CXX="${FUZZ_CXX:-clang++}"
 root="${TEST_SRCDIR}/${TEST_WORKSPACE}"
