@@ -26,7 +26,9 @@
 //   step 100/400  loss 1.9321  lr 2.9e-03  grad norm 0.84  41234 tokens/s
 // the start and end loss, a greedy-generation evaluation on held-out
 // sequences (token and exact-match accuracy) and every rank's time split
-// between compute and communication. Exits non-zero on any error and when
+// between compute and communication (tokens/s counts the 2 x --seq_len
+// input tokens of every sequence of the global batch, over all replicas).
+// Exits non-zero on any error and when
 // the loss did not fall by at least --min_loss_drop of its start.
 #include <algorithm>
 #include <chrono>

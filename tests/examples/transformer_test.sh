@@ -48,6 +48,7 @@ check --nproc=4
 check --nproc=2 --plan=llama
 check --nproc=4 --tp=2
 check --nproc=2 --kv_cache=false
+check --nproc=2 --batch=3
 
 other=$(tokens --nproc=2 --seed=2)
 if [ "$other" == "$ref" ]; then
@@ -66,7 +67,8 @@ expect_error() {
 }
 expect_error '"x" is not a token id' --prompt=1,x
 expect_error 'token id 512 is outside [0, 512)' --prompt=1,512
-expect_error 'must be >= 1' --max_new_tokens=0
+expect_error '--max_new_tokens must be >= 1' --max_new_tokens=0
+expect_error '--batch must be >= 1' --batch=0
 expect_error 'unknown plan "rowwise"' --plan=rowwise
 expect_error 'no model config' --checkpoint="${TEST_TMPDIR:-/tmp}/no_such_checkpoint"
 expect_error 'heads 6 and kv_heads 3 must both be divisible by the tensor-parallel size 4' \
