@@ -16,7 +16,8 @@
 //   goal      1.1 x (the rank's share of the weights: split parameters / N
 //             plus every replicated parameter)
 // and check every loaded element against the closed form that generated it
-// (#wrong). Exit status 1 when an element is wrong or a rank misses the goal.
+// (#wrong). Exit status 1 when an element is wrong or a rank misses the goal
+// (unless --require_goal=false).
 //
 //   bazel run //benchmarks:checkpoint_memory -- [--mb=200] [--tp=1,2,4]
 //       [--save_tp=4] [--hidden=1024] [--dir=/tmp/ckpt_mem]
@@ -55,6 +56,9 @@ ABSL_FLAG(int, save_tp, 4, "TP size the sharded checkpoint is saved at");
 ABSL_FLAG(std::string, dir, "",
           "scratch directory (default: a new one in /tmp)");
 ABSL_FLAG(double, slack, 0.10, "allowed overhead over the rank's share");
+ABSL_FLAG(bool, require_goal, true,
+          "exit 1 when a rank misses the memory goal (false: only wrong "
+          "elements fail, e.g. for smoke tests under sanitizers)");
 // Internal: set when this binary runs as one loading rank.
 ABSL_FLAG(bool, child, false, "internal: run as one rank");
 ABSL_FLAG(std::string, path, "", "internal: checkpoint path for --child");
@@ -346,7 +350,7 @@ int RunParent() {
               "source", "N", "rank", "share_MB", "baseline_MB", "params_MB",
               "extra_MB", "load_MB", "goal_MB", "load/sh", "load_s", "#wrong",
               "goal");
-  bool all_ok = true;
+  int failed = 0, wrong = 0, missed = 0;
   for (const char* source : {"sharded", "hf"}) {
     for (int n : sizes) {
       std::vector<RankResult> results = RunRanks(dir + "/" + source, n, mb);
@@ -354,7 +358,7 @@ int RunParent() {
         const RankResult& res = results[r];
         if (!res.ok) {
           std::printf("%-8s %3d %4d  FAILED (see stderr)\n", source, n, r);
-          all_ok = false;
+          ++failed;
           continue;
         }
         const double share = res.share / 1e6;
@@ -363,7 +367,8 @@ int RunParent() {
         const double load = peak - base;
         const double goal = share * (1 + absl::GetFlag(FLAGS_slack));
         const bool met = load <= goal && res.wrong == 0;
-        all_ok = all_ok && met;
+        if (res.wrong != 0) ++wrong;
+        if (load > goal) ++missed;
         // params: what allocating the shards added; extra: what the load
         // added on top, at its peak.
         const double params = (res.allocated_kb - res.baseline_kb) * 1024 / 1e6;
@@ -382,10 +387,14 @@ int RunParent() {
     if (std::system(cmd.c_str()) != 0)
       std::fprintf(stderr, "cannot remove %s\n", dir.c_str());
   }
-  std::printf("# %s\n",
-              all_ok ? "all ranks within the goal, every element right"
-                     : "SOME RANKS MISSED THE GOAL OR LOADED WRONG VALUES");
-  return all_ok ? 0 : 1;
+  std::printf(
+      "# %d ranks failed, %d loaded wrong elements, %d missed the "
+      "memory goal%s\n",
+      failed, wrong, missed,
+      absl::GetFlag(FLAGS_require_goal) ? "" : " (not required)");
+  const bool ok = failed == 0 && wrong == 0 &&
+                  (missed == 0 || !absl::GetFlag(FLAGS_require_goal));
+  return ok ? 0 : 1;
 }
 
 }  // namespace
