@@ -251,6 +251,11 @@ absl::Status Run() {
         ") a positive multiple of the ", dp_size, " data-parallel replicas"));
   }
   const int64_t batch = global_batch / dp_size;
+  if (absl::GetFlag(FLAGS_eval_sequences) < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--eval_sequences must be >= 1, got ",
+                     absl::GetFlag(FLAGS_eval_sequences)));
+  }
 
   tp::TimedCommunicator timed_tp(pg->tensor_parallel());
   tp::TimedCommunicator timed_dp(pg->data_parallel());

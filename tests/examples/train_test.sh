@@ -54,4 +54,7 @@ rc=0; out=$("$train" "${task[@]}" --steps=3 --min_loss_drop=0.9 2>&1) || rc=$?
 rc=0; out=$("$train" --nproc=2 --tp=1 --batch=3 2>&1) || rc=$?
 [ "$rc" -ne 0 ] && grep -q 'a positive multiple of the 2 data-parallel replicas' <<<"$out" || {
   echo "$out"; echo "expected a failure for --batch=3 over 2 replicas (rc $rc)"; exit 1; }
+rc=0; out=$("$train" --task=shuffle 2>&1) || rc=$?
+[ "$rc" -ne 0 ] && grep -q 'unknown task "shuffle"' <<<"$out" || {
+  echo "$out"; echo "expected a failure for --task=shuffle (rc $rc)"; exit 1; }
 echo "train: loss fell, checkpoint reloads at TP 1 and 2 with the same tokens"
