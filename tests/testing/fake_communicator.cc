@@ -1,6 +1,8 @@
 #include "tests/testing/fake_communicator.h"
 
 #include <algorithm>
+#include <condition_variable>
+#include <mutex>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -10,7 +12,6 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
 #include "glog/logging.h"
 
 namespace tp {
@@ -194,16 +195,19 @@ class FakeGroup {
   absl::StatusOr<std::shared_ptr<Round>> Exchange(int rank, int64_t index,
                                                   Contribution mine,
                                                   bool wait) {
-    absl::MutexLock lock(&mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     std::shared_ptr<Round>& slot = rounds_[index];
     if (slot == nullptr) slot = std::make_shared<Round>(size_);
     std::shared_ptr<Round> round = slot;
     round->slots[rank] = std::make_unique<Contribution>(std::move(mine));
     ++round->arrived;
-    if (round->arrived == size_) rounds_.erase(index);
+    if (round->arrived == size_) {
+      rounds_.erase(index);
+      cv_.notify_all();
+    }
     if (!wait) return round;
-    auto complete = [&]() { return round->arrived == size_; };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&complete), timeout_)) {
+    if (!cv_.wait_for(lock, absl::ToChronoMilliseconds(timeout_),
+                      [&] { return round->arrived == size_; })) {
       std::vector<int> missing;
       for (int r = 0; r < size_; ++r) {
         if (round->slots[r] == nullptr) missing.push_back(r);
@@ -217,15 +221,16 @@ class FakeGroup {
   }
 
   void Post(int src, int dst, Tensor t) {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     mailboxes_[{src, dst}].push_back(std::move(t));
+    cv_.notify_all();
   }
 
   absl::StatusOr<Tensor> Take(int src, int dst) {
-    absl::MutexLock lock(&mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     auto& box = mailboxes_[{src, dst}];
-    auto ready = [&]() { return !box.empty(); };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout_)) {
+    if (!cv_.wait_for(lock, absl::ToChronoMilliseconds(timeout_),
+                      [&] { return !box.empty(); })) {
       return absl::DeadlineExceededError(absl::StrCat(
           "fake Recv on rank ", dst, ": nothing from rank ", src, " within ",
           absl::FormatDuration(timeout_)));
@@ -238,10 +243,12 @@ class FakeGroup {
  private:
   const int size_;
   const absl::Duration timeout_;
-  absl::Mutex mu_;
-  std::map<int64_t, std::shared_ptr<Round>> rounds_ ABSL_GUARDED_BY(mu_);
-  std::map<std::pair<int, int>, std::deque<Tensor>> mailboxes_
-      ABSL_GUARDED_BY(mu_);
+  // std::mutex rather than absl::Mutex so that ThreadSanitizer builds see the
+  // synchronization (Debian's Abseil is not instrumented).
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, std::shared_ptr<Round>> rounds_;  // guarded by mu_
+  std::map<std::pair<int, int>, std::deque<Tensor>> mailboxes_;  // by mu_
 };
 
 namespace {

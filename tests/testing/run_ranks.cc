@@ -1,11 +1,12 @@
 #include "tests/testing/run_ranks.h"
 
+#include <condition_variable>
+#include <mutex>
 #include <string>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/mutex.h"
 #include "glog/logging.h"
 #include "runtime/hash_store.h"
 
@@ -16,8 +17,11 @@ std::vector<absl::Status> RunRanks(int world_size, const RankFn& fn,
   CHECK_GE(world_size, 1) << "RunRanks: world_size must be >= 1";
   auto store = std::make_shared<HashStore>();
   std::vector<absl::Status> statuses(world_size);
-  absl::Mutex mu;
-  std::vector<bool> done(world_size, false);
+  // std::mutex rather than absl::Mutex: Debian's Abseil is not built with
+  // ThreadSanitizer, which then cannot see absl::Mutex's synchronization.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<char> done(world_size, 0);
   int remaining = world_size;
 
   std::vector<std::thread> threads;
@@ -25,16 +29,16 @@ std::vector<absl::Status> RunRanks(int world_size, const RankFn& fn,
   for (int rank = 0; rank < world_size; ++rank) {
     threads.emplace_back([&, rank] {
       absl::Status s = fn(rank, store);
-      absl::MutexLock lock(&mu);
+      std::lock_guard<std::mutex> lock(mu);
       statuses[rank] = std::move(s);
-      done[rank] = true;
-      --remaining;
+      done[rank] = 1;
+      if (--remaining == 0) cv.notify_all();
     });
   }
   {
-    absl::MutexLock lock(&mu);
-    auto all_done = [&]() { return remaining == 0; };
-    if (!mu.AwaitWithTimeout(absl::Condition(&all_done), options.watchdog)) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, absl::ToChronoMilliseconds(options.watchdog),
+                     [&] { return remaining == 0; })) {
       std::vector<int> running;
       for (int r = 0; r < world_size; ++r) {
         if (!done[r]) running.push_back(r);
