@@ -20,7 +20,9 @@
 // (0: all ranks) and data-parallel replicas across them; each replica draws
 // its own --batch / replicas sequences per step and AdamW averages the
 // gradients over the replicas, clips their global norm and updates every
-// shard. Learning rate: linear warm-up, then cosine decay to 10 %.
+// shard. Learning rate: linear warm-up, then cosine decay to 10 %. With
+// --nproc=N > 1 each rank gets OPENBLAS_NUM_THREADS = cores / N unless the
+// variable is set.
 //
 // Output (rank 0): the plan table, a progress line every --log_every steps
 //   step 100/400  loss 1.9321  lr 2.9e-03  grad norm 0.84  41234 tokens/s
@@ -34,11 +36,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -102,6 +106,12 @@ double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
 
 absl::Duration Since(std::chrono::steady_clock::time_point start) {
   return absl::FromChrono(std::chrono::steady_clock::now() - start);
+}
+
+// OPENBLAS_NUM_THREADS as this rank sees it ("unset": all cores).
+std::string BlasThreads() {
+  const char* v = std::getenv("OPENBLAS_NUM_THREADS");
+  return v == nullptr ? "unset" : v;
 }
 
 enum class Task { kReverse, kCopy, kSort };
@@ -280,11 +290,12 @@ absl::Status Run() {
   if (printer) {
     std::cout << absl::StrFormat(
                      "train: world %d = %d data-parallel x %d tensor-parallel, "
-                     "backend %s\nconfig: %s\ntask: %s %d symbols of %d, "
+                     "backend %s, OPENBLAS_NUM_THREADS=%s\nconfig: %s\n"
+                     "task: %s %d symbols of %d, "
                      "batch %d (%d per replica), %d steps, AdamW lr %g, "
                      "weight decay %g, clip %g\n",
                      pg->world_size(), dp_size, tp_size, pg->backend(),
-                     config.ToString(), absl::GetFlag(FLAGS_task), len,
+                     BlasThreads(), config.ToString(), absl::GetFlag(FLAGS_task), len,
                      symbols, global_batch, batch, steps, adamw_options.lr,
                      adamw_options.weight_decay, adamw_options.max_grad_norm)
               << model->PlanTable() << "\n"
@@ -427,8 +438,18 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
   FLAGS_logtostderr = true;
+  // Ranks share the host's cores: unless the user chose, give each rank's
+  // OpenBLAS cores / nproc threads (OpenBLAS reads the variable at start-up),
+  // so that TP = N is not N x all-cores threads spinning on the same cores.
+  const int nproc = absl::GetFlag(FLAGS_nproc);
+  tp::LaunchOptions base;
+  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && nproc > 1) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    base.env.emplace_back("OPENBLAS_NUM_THREADS",
+                          absl::StrCat(std::max(1, cores / nproc)));
+  }
   absl::StatusOr<std::optional<int>> job =
-      tp::MaybeRelaunchSelf(absl::GetFlag(FLAGS_nproc), argc, argv);
+      tp::MaybeRelaunchSelf(nproc, argc, argv, base);
   if (!job.ok()) {
     std::cerr << "train: " << job.status() << "\n";
     return 2;

@@ -26,14 +26,18 @@
 // their latency dominates at batch 1; --batch=N generates N copies of the
 // prompt together and shows the throughput once that latency is amortised.
 // Runs unchanged under tprun, torchrun, mpirun and srun; ranks beyond the TP
-// size form data-parallel replicas that generate the same tokens.
+// size form data-parallel replicas that generate the same tokens. With
+// --nproc=N > 1 each rank gets OPENBLAS_NUM_THREADS = cores / N unless the
+// variable is set (TP = 1 then uses every core in one process).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -95,6 +99,12 @@ double Ms(absl::Duration d) { return absl::ToDoubleMilliseconds(d); }
 
 absl::Duration Since(std::chrono::steady_clock::time_point start) {
   return absl::FromChrono(std::chrono::steady_clock::now() - start);
+}
+
+// OPENBLAS_NUM_THREADS as this rank sees it ("unset": all cores).
+std::string BlasThreads() {
+  const char* v = std::getenv("OPENBLAS_NUM_THREADS");
+  return v == nullptr ? "unset" : v;
 }
 
 absl::StatusOr<std::vector<int64_t>> ParsePrompt(const std::string& text,
@@ -165,9 +175,10 @@ absl::Status Run() {
   if (printer) {
     std::cout << absl::StrFormat(
                      "transformer: world %d, tensor parallel %d, data "
-                     "parallel %d, backend %s\nconfig: %s\n",
+                     "parallel %d, backend %s, OPENBLAS_NUM_THREADS=%s\n"
+                     "config: %s\n",
                      pg->world_size(), tp_size, pg->data_parallel_size(),
-                     pg->backend(), config.ToString())
+                     pg->backend(), BlasThreads(), config.ToString())
               << std::flush;
   }
 
@@ -284,8 +295,18 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
   FLAGS_logtostderr = true;
+  // Ranks share the host's cores: unless the user chose, give each rank's
+  // OpenBLAS cores / nproc threads (OpenBLAS reads the variable at start-up),
+  // so that TP = N is not N x all-cores threads spinning on the same cores.
+  const int nproc = absl::GetFlag(FLAGS_nproc);
+  tp::LaunchOptions base;
+  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && nproc > 1) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    base.env.emplace_back("OPENBLAS_NUM_THREADS",
+                          absl::StrCat(std::max(1, cores / nproc)));
+  }
   absl::StatusOr<std::optional<int>> job =
-      tp::MaybeRelaunchSelf(absl::GetFlag(FLAGS_nproc), argc, argv);
+      tp::MaybeRelaunchSelf(nproc, argc, argv, base);
   if (!job.ok()) {
     std::cerr << "transformer: " << job.status() << "\n";
     return 2;
