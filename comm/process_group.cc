@@ -115,8 +115,11 @@ absl::StatusOr<TensorParallelConfig> TensorParallelConfig::FromEnv(
   }
   if (auto v = env("TP_STORE_PATH")) config.store_path = *v;
   if (auto v = env("TP_BACKEND_PLUGINS")) config.backend_plugins = *v;
-  if (auto v = env("TP_GLOO_HOSTNAME")) config.backend_options["hostname"] = *v;
-  if (auto v = env("TP_GLOO_INTERFACE")) config.backend_options["interface"] = *v;
+  if (auto v = env("TP_GLOO_HOSTNAME")) config.backend_options["gloo.hostname"] = *v;
+  if (auto v = env("TP_GLOO_INTERFACE")) config.backend_options["gloo.iface"] = *v;
+  if (auto v = env("TP_GLOO_CHECK_CONSISTENCY")) {
+    config.backend_options["gloo.check_consistency"] = *v;
+  }
   return config;
 }
 

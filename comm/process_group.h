@@ -63,8 +63,11 @@ struct TensorParallelConfig {
   // Colon-separated shared libraries loaded before the backend is chosen.
   // Default empty. Env: TP_BACKEND_PLUGINS.
   std::string backend_plugins;
-  // Backend-specific options passed to the factory (gloo: "hostname" or
-  // "interface" to bind). Env: TP_GLOO_HOSTNAME, TP_GLOO_INTERFACE.
+  // Backend-specific options passed to the factory, keyed "<backend>.<key>":
+  // "gloo.hostname" / "gloo.iface" (what Gloo binds; env TP_GLOO_HOSTNAME,
+  // TP_GLOO_INTERFACE) and "gloo.check_consistency" ("true" by default: every
+  // collective first checks that all ranks agree on op, dtype and shape, one
+  // extra small round trip above 4 KB; env TP_GLOO_CHECK_CONSISTENCY).
   std::map<std::string, std::string> backend_options;
   // Explicit rank/world/master values; unset fields are discovered from the
   // launcher's variables (see launch_env.h).

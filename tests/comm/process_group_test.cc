@@ -88,6 +88,7 @@ TEST(TensorParallelConfigTest, FromEnvReadsTheDocumentedVariables) {
       {"TP_STORE_PATH", "/shared/job"},
       {"TP_BACKEND_PLUGINS", "/a.so:/b.so"},
       {"TP_GLOO_INTERFACE", "lo"},
+      {"TP_GLOO_CHECK_CONSISTENCY", "false"},
   }));
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->tensor_parallel_size, 2);
@@ -95,7 +96,8 @@ TEST(TensorParallelConfigTest, FromEnvReadsTheDocumentedVariables) {
   EXPECT_EQ(config->timeout, absl::Milliseconds(1500));
   EXPECT_EQ(config->store_path, "/shared/job");
   EXPECT_EQ(config->backend_plugins, "/a.so:/b.so");
-  EXPECT_EQ(config->backend_options.at("interface"), "lo");
+  EXPECT_EQ(config->backend_options.at("gloo.iface"), "lo");
+  EXPECT_EQ(config->backend_options.at("gloo.check_consistency"), "false");
 
   auto defaults = TensorParallelConfig::FromEnv(MapEnvLookup({}));
   ASSERT_TRUE(defaults.ok());
@@ -165,6 +167,27 @@ TEST(ProcessGroupManagerTest, FileStoreRendezvous) {
     return ExpectAllReduce((*pg)->world(), {0, 1, 2}, rank);
   });
   for (const absl::Status& s : statuses) EXPECT_TRUE(s.ok()) << s;
+}
+
+TEST(ProcessGroupManagerTest, BackendOptionsReachTheBackend) {
+  // Binding the loopback interface by name works; a missing interface fails
+  // (so the option is not silently dropped).
+  for (const std::string iface : {"lo", "no-such-iface0"}) {
+    auto statuses = RunThreads(
+        2,
+        [&](int r) {
+          TensorParallelConfig config = Config(r, 2, 0);
+          config.timeout = absl::Seconds(3);
+          config.backend_options["gloo.iface"] = iface;
+          return config;
+        },
+        [&](int r, ProcessGroupManager& pg) {
+          return ExpectAllReduce(pg.world(), {0, 1}, r);
+        });
+    for (const absl::Status& s : statuses) {
+      EXPECT_EQ(s.ok(), iface == "lo") << iface << ": " << s;
+    }
+  }
 }
 
 TEST(ProcessGroupManagerTest, NewGroupOfOddRanks) {
