@@ -38,6 +38,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "benchmarks/store_latency.h"
 #include "runtime/ops.h"
 #include "runtime/status_macros.h"
 #include "runtime/tensor.h"
@@ -53,6 +54,8 @@ ABSL_FLAG(int, repeats, 7,
 ABSL_FLAG(double, min_seconds, 0.5,
           "Minimum timed seconds per side and shape for small shapes.");
 ABSL_FLAG(int, warmup, 2, "Untimed calls of each side before timing.");
+ABSL_FLAG(int64_t, store_ops, 10000,
+          "TcpStore round trips timed per operation (0 skips the table).");
 
 namespace tp {
 namespace {
@@ -215,6 +218,15 @@ absl::Status RunMatMulSection(std::ostream& out) {
   return absl::OkStatus();
 }
 
+// TcpStore set/get/add/check/wait round trips on loopback beside a raw TCP
+// echo of the same size (benchmarks/store_latency.h).
+absl::Status RunStoreSection(std::ostream& out) {
+  TcpStoreLatencyOptions options;
+  options.num_ops = absl::GetFlag(FLAGS_store_ops);
+  if (options.num_ops == 0) return absl::OkStatus();
+  return RunTcpStoreLatency(options, out);
+}
+
 void PrintMachine(std::ostream& out) {
   out << "# machine: " << sysconf(_SC_NPROCESSORS_ONLN) << " CPUs online; "
       << "OpenBLAS " << openblas_get_config() << ", "
@@ -230,7 +242,7 @@ int main(int argc, char** argv) {
   // One section per table; each prints its own header and reports failure
   // (a bad flag, an op error or a wrong result) through its Status.
   int rc = 0;
-  for (const auto& section : {tp::RunMatMulSection}) {
+  for (const auto& section : {tp::RunMatMulSection, tp::RunStoreSection}) {
     const absl::Status status = section(std::cout);
     if (!status.ok()) {
       std::cerr << status << "\n";
