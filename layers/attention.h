@@ -17,9 +17,10 @@
 // g = heads / kv_heads; group c holds query heads c*g .. c*g + g - 1, then
 // key head c, then value head c. Rank r owns groups
 // [r * kv_heads / tp, (r + 1) * kv_heads / tp), i.e. query heads
-// [r * heads / tp, ...) and their key/value heads, so attention needs no
-// communication; o_proj's all-reduce (or reduce-scatter) is the only one
-// forward, qkv_proj's input-gradient all-reduce the only one backward.
+// [r * heads / tp, ...) and their key/value heads, so attention itself needs
+// no communication: without sequence parallelism o_proj's all-reduce is the
+// only collective forward and qkv_proj's input-gradient all-reduce the only
+// one backward.
 // Query head h attends with key/value head h / g (g == 1: multi-head
 // attention; kv_heads == 1: multi-query attention).
 //

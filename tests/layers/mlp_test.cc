@@ -151,6 +151,35 @@ TEST(ParallelMLPFiniteDifference, BackwardMatchesFiniteDifferences) {
   }
 }
 
+// A [batch, seq, hidden] input gives the [tokens, hidden] results reshaped.
+TEST(ParallelMLPShapes, RankThreeInputEqualsFlattenedInput) {
+  for (bool swiglu : {false, true}) {
+    const block_ref::Dims d = MlpDims(swiglu);
+    const auto shapes = block_ref::MlpShapes(d, "");
+    const block_ref::Params params = RandomParams(shapes, 8);
+    const int64_t T = d.tokens(), H = d.hidden;
+    const Vec x = RandomVec(T * H, 13);
+    const Vec dy = RandomVec(T * H, 14);
+    const Vec y_ref = block_ref::Mlp(params, "", d, x);
+    block_ref::Params g_ref = block_ref::ZerosLike(params);
+    const Vec dx_ref = block_ref::MlpBackward(params, "", d, x, dy, &g_ref);
+    TP_EXPECT_OK(RunGloo(2, [&](Communicator& comm) -> absl::Status {
+      ASSIGN_OR_RETURN(auto mlp, ParallelMLP::Create(
+                                     comm, MlpOptions(d, false, DType::kFloat32)));
+      RETURN_IF_ERROR(LoadShards(mlp->parameters(), params, shapes));
+      const Shape s3 = {d.batch, d.seq, H};
+      ASSIGN_OR_RETURN(Tensor y, mlp->Forward(MakeTensor(x, s3, DType::kFloat32)));
+      if (y.shape() != s3) return absl::InternalError("output shape");
+      RETURN_IF_ERROR(CheckClose(y, y_ref, 1e-5, "y"));
+      ASSIGN_OR_RETURN(Tensor dx,
+                       mlp->Backward(MakeTensor(dy, s3, DType::kFloat32)));
+      if (dx.shape() != s3) return absl::InternalError("dx shape");
+      RETURN_IF_ERROR(CheckClose(dx, dx_ref, 1e-5, "dx"));
+      return CheckShards(mlp->grads(), g_ref, comm.rank(), 2, 1e-5, "grads");
+    }));
+  }
+}
+
 TEST(ParallelMLPErrors, InvalidOptionsAndInputs) {
   TP_EXPECT_OK(RunGloo(2, [&](Communicator& comm) -> absl::Status {
     ParallelMLP::Options o = MlpOptions(MlpDims(false), false, DType::kFloat32);
