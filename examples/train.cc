@@ -298,7 +298,7 @@ absl::Status Run() {
                      BlasThreads(), config.ToString(), absl::GetFlag(FLAGS_task), len,
                      symbols, global_batch, batch, steps, adamw_options.lr,
                      adamw_options.weight_decay, adamw_options.max_grad_norm)
-              << model->PlanTable() << "\n"
+              << model->PlanTable()
               << std::flush;
   }
 

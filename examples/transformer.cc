@@ -200,7 +200,7 @@ absl::Status Run() {
     load_time = Since(load_start);
   }
   if (printer) {
-    std::cout << model->PlanTable() << "\n"
+    std::cout << model->PlanTable()
               << absl::StrFormat(
                      "weights: %s; built and sharded in %.1f ms%s\n",
                      checkpoint.empty()
