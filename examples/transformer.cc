@@ -37,7 +37,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -295,18 +294,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
   FLAGS_logtostderr = true;
-  // Ranks share the host's cores: unless the user chose, give each rank's
-  // OpenBLAS cores / nproc threads (OpenBLAS reads the variable at start-up),
-  // so that TP = N is not N x all-cores threads spinning on the same cores.
-  const int nproc = absl::GetFlag(FLAGS_nproc);
-  tp::LaunchOptions base;
-  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr && nproc > 1) {
-    const int cores = static_cast<int>(std::thread::hardware_concurrency());
-    base.env.emplace_back("OPENBLAS_NUM_THREADS",
-                          absl::StrCat(std::max(1, cores / nproc)));
-  }
   absl::StatusOr<std::optional<int>> job =
-      tp::MaybeRelaunchSelf(nproc, argc, argv, base);
+      tp::MaybeRelaunchSelf(absl::GetFlag(FLAGS_nproc), argc, argv);
   if (!job.ok()) {
     std::cerr << "transformer: " << job.status() << "\n";
     return 2;

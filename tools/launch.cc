@@ -301,6 +301,15 @@ std::vector<std::string> BuildEnvironment(const LaunchOptions& o,
   set("MASTER_ADDR", o.master_addr);
   set("MASTER_PORT", absl::StrCat(port));
   set("TP_LAUNCHED", "1");
+  // Like torchrun's OMP_NUM_THREADS: the local ranks share this host's cores,
+  // so unless the user chose, each rank's OpenBLAS gets cores / nproc threads
+  // instead of every rank spinning a thread per core.
+  if (o.nproc > 1 && vars.count("OPENBLAS_NUM_THREADS") == 0 &&
+      vars.count("OMP_NUM_THREADS") == 0) {
+    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    set("OPENBLAS_NUM_THREADS",
+        absl::StrCat(std::max<long>(1, cores / o.nproc)));
+  }
   for (const auto& [k, v] : o.env) set(k, v);
   std::vector<std::string> out;
   out.reserve(vars.size());

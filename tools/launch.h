@@ -102,6 +102,9 @@ struct LaunchOptions {
   std::string working_dir;
   // Variables added to (or replacing) the inherited environment, after the
   // launcher's own variables are set (so they can override RANK etc. too).
+  // With nproc > 1 and neither OPENBLAS_NUM_THREADS nor OMP_NUM_THREADS set,
+  // the launcher sets OPENBLAS_NUM_THREADS = max(1, cores / nproc), as
+  // torchrun sets OMP_NUM_THREADS, so the local ranks share the cores.
   std::vector<std::pair<std::string, std::string>> env;
   // Inherited variables removed from the children's environment.
   std::vector<std::string> unset_env;

@@ -96,9 +96,10 @@ int main(int argc, char** argv) {
         Var("GROUP_RANK").c_str(), Var("GROUP_WORLD_SIZE").c_str(),
         Var("MASTER_ADDR").c_str(), Var("MASTER_PORT").c_str(),
         Var("TP_LAUNCHED").c_str());
-    std::printf("extra ARGS=%s FOO=%s UNSET_ME=%s CWD=%s\n",
+    std::printf("extra ARGS=%s FOO=%s UNSET_ME=%s BLAS=%s CWD=%s\n",
                 absl::StrJoin(args, "|").c_str(), Var("FOO").c_str(),
-                Var("TP_TEST_UNSET_ME").c_str(), dir ? dir : "?");
+                Var("TP_TEST_UNSET_ME").c_str(),
+                Var("OPENBLAS_NUM_THREADS").c_str(), dir ? dir : "?");
     std::fprintf(stderr, "to stderr from %s\n", Var("RANK").c_str());
     std::printf("partial line without newline");
     Flush();

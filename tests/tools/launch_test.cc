@@ -140,6 +140,12 @@ TEST_P(LaunchWorldTest, ChildrenSeeDistinctRanksAndPrefixedOutput) {
   o.env = {{"FOO", "bar"}};
   o.unset_env = {"TP_TEST_UNSET_ME"};
   o.working_dir = TestDir();
+  // Neither set: the launcher shares the cores, cores / nproc threads each.
+  unsetenv("OPENBLAS_NUM_THREADS");
+  unsetenv("OMP_NUM_THREADS");
+  const std::string blas =
+      n == 1 ? "<unset>"
+             : absl::StrCat(std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN) / n));
   Captured c = Launch(o, absl::StrCat("world", n));
   unsetenv("TP_TEST_UNSET_ME");
   ASSERT_TRUE(c.code.ok()) << c.code.status();
@@ -167,8 +173,8 @@ TEST_P(LaunchWorldTest, ChildrenSeeDistinctRanksAndPrefixedOutput) {
     EXPECT_LE(port_value, 65535);
     ports.insert(port);
     EXPECT_EQ(out[r][1], absl::StrCat("extra ARGS=a b|c FOO=bar "
-                                      "UNSET_ME=<unset> CWD=",
-                                      TestDir()));
+                                      "UNSET_ME=<unset> BLAS=",
+                                      blas, " CWD=", TestDir()));
     // The last line had no newline; the launcher completes it.
     EXPECT_EQ(out[r][2], "partial line without newline");
     ASSERT_EQ(err[r].size(), 1u) << c.err;
