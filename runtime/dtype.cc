@@ -87,6 +87,16 @@ bool IsFloatingPoint(DType dtype) {
          dtype == DType::kFloat16 || dtype == DType::kBFloat16;
 }
 
+float RoundToOddFloat(long double x) {
+  float f = static_cast<float>(x);
+  if (std::isnan(f) || static_cast<long double>(f) == x) return f;
+  if (std::fabs(static_cast<long double>(f)) > std::fabs(x)) {
+    f = std::nextafter(f, 0.0f);
+  }
+  uint32_t bits = FloatBits(f) | 1u;
+  return BitsToFloat(bits);
+}
+
 uint16_t FloatToHalfBits(float value) {
   const uint32_t x = FloatBits(value);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);

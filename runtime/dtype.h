@@ -57,6 +57,12 @@ uint16_t FloatToBFloat16Bits(float value);
 // bfloat16 -> float32, exact.
 float BFloat16BitsToFloat(uint16_t bits);
 
+// `x` rounded to float with round-to-odd: exact values stay, inexact ones are
+// truncated toward zero and get their lowest mantissa bit set. Rounding that
+// float once more to fp16/bf16 (far fewer mantissa bits) gives the correctly
+// rounded result of `x`, with no double rounding.
+float RoundToOddFloat(long double x);
+
 inline Half ToHalf(float v) { return Half{FloatToHalfBits(v)}; }
 inline float ToFloat(Half h) { return HalfBitsToFloat(h.bits); }
 inline BFloat16 ToBFloat16(float v) { return BFloat16{FloatToBFloat16Bits(v)}; }
@@ -130,11 +136,11 @@ inline T ElementFromDouble(double v) {
 }
 template <>
 inline Half ElementFromDouble(double v) {
-  return ToHalf(static_cast<float>(v));
+  return ToHalf(RoundToOddFloat(v));
 }
 template <>
 inline BFloat16 ElementFromDouble(double v) {
-  return ToBFloat16(static_cast<float>(v));
+  return ToBFloat16(RoundToOddFloat(v));
 }
 
 }  // namespace tp

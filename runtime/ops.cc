@@ -1103,23 +1103,6 @@ absl::StatusOr<Tensor> EmbeddingBackward(const Tensor& grad, const Tensor& ids,
 
 namespace {
 
-// x rounded to float with round-to-odd: exact values stay, inexact ones are
-// truncated toward zero and get their lowest mantissa bit set. Rounding that
-// float once more to fp16/bf16 (fewer than 22 mantissa bits) then gives the
-// correctly rounded result of x, avoiding double rounding.
-float RoundToOddFloat(long double x) {
-  float f = static_cast<float>(x);
-  if (std::isnan(f) || static_cast<long double>(f) == x) return f;
-  if (std::fabs(static_cast<long double>(f)) > std::fabs(x)) {
-    f = std::nextafter(f, 0.0f);
-  }
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits |= 1u;
-  std::memcpy(&f, &bits, sizeof(bits));
-  return f;
-}
-
 template <typename S>
 long double SourceValue(S v) {
   if constexpr (std::is_same_v<S, Half> || std::is_same_v<S, BFloat16>) {

@@ -210,7 +210,7 @@ absl::StatusOr<Tensor> Tensor::Narrow(int dim, int64_t start,
         absl::StrCat("Tensor::Narrow: dim ", dim, " out of range for shape ",
                      ShapeToString(shape_)));
   }
-  if (start < 0 || length < 0 || start + length > shape_[d]) {
+  if (start < 0 || length < 0 || start > shape_[d] - length) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Tensor::Narrow: [", start, ", ", start + length, ") out of range for dim ",
         d, " of shape ", ShapeToString(shape_)));

@@ -255,3 +255,24 @@ TEST(DTypeTest, NamesSizesAndParsing) {
 
 }  // namespace
 }  // namespace tp
+
+namespace tp {
+namespace {
+
+// A double just above an fp16 midpoint rounds to float ON the midpoint, so
+// double -> float -> half would round to even (down); the correct result is
+// up. ElementFromDouble (used by Tensor::Full/FromDoubles) must not double-round.
+TEST(ElementFromDoubleTest, DoesNotDoubleRoundThroughFloat) {
+  const double above_half_midpoint = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);
+  EXPECT_EQ(ToFloat(ElementFromDouble<Half>(above_half_midpoint)),
+            1.0f + std::ldexp(1.0f, -10));
+  const double above_bf16_midpoint = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  EXPECT_EQ(ToFloat(ElementFromDouble<BFloat16>(above_bf16_midpoint)),
+            1.0f + std::ldexp(1.0f, -7));
+  // Exact midpoints still tie to even, and exact values stay.
+  EXPECT_EQ(ToFloat(ElementFromDouble<Half>(1.0 + std::ldexp(1.0, -11))), 1.0f);
+  EXPECT_EQ(ToFloat(ElementFromDouble<Half>(0.5)), 0.5f);
+}
+
+}  // namespace
+}  // namespace tp

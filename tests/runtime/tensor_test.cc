@@ -1,5 +1,7 @@
 #include "runtime/tensor.h"
 
+#include <limits>
+
 #include <string>
 #include <vector>
 
@@ -179,6 +181,21 @@ TEST(TensorTest, ToAnotherDeviceIsUnimplementedWithoutCuda) {
   EXPECT_TRUE(x.To(Device::Cpu())->SharesStorageWith(x));
   EXPECT_EQ(x.To(Device::Cuda(0)).status().code(),
             absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace tp
+
+namespace tp {
+namespace {
+
+TEST(TensorTest, NarrowRejectsRangesThatWouldOverflow) {
+  Tensor x = Tensor::Zeros({4}, DType::kFloat32);
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(x.Narrow(0, big, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(x.Narrow(0, 2, big).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
