@@ -100,9 +100,10 @@ ABSL_FLAG(std::string, ops, "allreduce,allgather,reducescatter,broadcast",
           "Comma-separated collectives to run.");
 ABSL_FLAG(int, root, 0, "Broadcast root.");
 ABSL_FLAG(int, timeout_s, 120, "Timeout of the rendezvous and every call.");
-ABSL_FLAG(bool, check_consistency, true,
-          "The gloo backend's gloo.check_consistency option (false: no "
-          "envelope all-gather before each collective).");
+ABSL_FLAG(std::string, check_consistency, "first_use",
+          "The gloo backend's gloo.check_consistency option: first_use (the "
+          "default: an envelope all-gather only on the first call of each "
+          "signature above 4 KB), always (before every collective) or off.");
 
 namespace tp {
 namespace {
@@ -625,7 +626,7 @@ absl::StatusOr<int64_t> Run() {
   ASSIGN_OR_RETURN(TensorParallelConfig config, TensorParallelConfig::FromEnv());
   config.backend = "gloo";
   config.backend_options["gloo.check_consistency"] =
-      absl::GetFlag(FLAGS_check_consistency) ? "true" : "false";
+      absl::GetFlag(FLAGS_check_consistency);
   config.timeout = s.timeout;
   ASSIGN_OR_RETURN(std::unique_ptr<ProcessGroupManager> pg,
                    ProcessGroupManager::Init(config));
@@ -674,7 +675,7 @@ absl::StatusOr<int64_t> Run() {
         "# transport: gloo TCP on %s; check_consistency=%s; %s\n",
         s.size, DTypeName(dtype), minbytes, maxbytes, factor, s.warmup,
         s.iters, gloo_comm->bound_address(),
-        gloo_comm->options().check_consistency ? "true" : "false",
+        std::string(ConsistencyCheckName(gloo_comm->options().check_consistency)),
         RunConditions());
   }
   const std::vector<int64_t> sizes = Sizes(minbytes, maxbytes, factor);

@@ -79,8 +79,8 @@ constexpr size_t kEnvelopeWords = kEnvelopeBytes / sizeof(uint64_t);
 
 // Gloo tags. Gloo's collectives build their slots from a per-collective
 // prefix and the tag; the envelope all-gather must not share a slot with a
-// data all-gather.
-constexpr uint32_t kDataTag = 0;
+// data all-gather. Data tags are fingerprints of the call, from
+// kFirstDataTag up (see DataTag).
 constexpr uint32_t kEnvelopeTag = 1;
 constexpr uint32_t kHandshakeTag = 2;
 constexpr uint32_t kGoodbyeTag = 3;
@@ -659,6 +659,18 @@ absl::Status StatusFromException(absl::string_view what, int rank, int size,
 
 // ---- Options ----
 
+absl::string_view ConsistencyCheckName(ConsistencyCheck check) {
+  switch (check) {
+    case ConsistencyCheck::kOff:
+      return "off";
+    case ConsistencyCheck::kFirstUse:
+      return "first_use";
+    case ConsistencyCheck::kAlways:
+      return "always";
+  }
+  return "unknown";
+}
+
 absl::StatusOr<GlooOptions> ParseGlooOptions(
     const std::map<std::string, std::string>& options) {
   GlooOptions parsed;
@@ -670,14 +682,17 @@ absl::StatusOr<GlooOptions> ParseGlooOptions(
       parsed.iface = value;
     } else if (key == "gloo.check_consistency") {
       const std::string v = absl::AsciiStrToLower(value);
-      if (v == "true" || v == "1") {
-        parsed.check_consistency = true;
-      } else if (v == "false" || v == "0") {
-        parsed.check_consistency = false;
+      if (v == "first_use") {
+        parsed.check_consistency = ConsistencyCheck::kFirstUse;
+      } else if (v == "always" || v == "true" || v == "1") {
+        parsed.check_consistency = ConsistencyCheck::kAlways;
+      } else if (v == "off" || v == "false" || v == "0") {
+        parsed.check_consistency = ConsistencyCheck::kOff;
       } else {
         return absl::InvalidArgumentError(absl::StrCat(
-            "gloo.check_consistency must be true/false/1/0, got \"", value,
-            "\""));
+            "gloo.check_consistency must be first_use, always or off "
+            "(true/1: always, false/0: off), got \"",
+            value, "\""));
       }
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -803,6 +818,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
         std::make_shared<gloo::rendezvous::Context>(ctx.rank, ctx.size);
     context->setTimeout(std::chrono::milliseconds(
         std::max<int64_t>(absl::ToInt64Milliseconds(ctx.timeout), 1)));
+    comm->store_ = ctx.store;
     GlooStoreAdapter adapter(*ctx.store, ctx.size, deadline, ctx.timeout);
     context->connectFullMesh(adapter, comm->device_);
     comm->context_ = std::move(context);
@@ -819,7 +835,8 @@ absl::Status GlooCommunicator::Handshake(absl::Time deadline) {
   // rank's: a rank that left right after it could cut a slower peer off in
   // the middle of its rendezvous. An all-gather completes only when every
   // rank has joined, and compares the settings that must agree.
-  const int64_t mine[3] = {kEnvelopeMagic, options_.check_consistency ? 1 : 0,
+  const int64_t mine[3] = {kEnvelopeMagic,
+                           static_cast<int64_t>(options_.check_consistency),
                            static_cast<int64_t>(kGlooInlineBytes)};
   std::vector<int64_t> all(3 * size_);
   try {
@@ -839,9 +856,13 @@ absl::Status GlooCommunicator::Handshake(absl::Time deadline) {
           " runs an incompatible build of the gloo backend"));
     }
     if (all[3 * r + 1] != mine[1]) {
+      const int64_t theirs = all[3 * r + 1];
+      const bool known = theirs >= 0 && theirs <= 2;
       return absl::InvalidArgumentError(absl::StrCat(
           "gloo rendezvous on rank ", rank_, ": gloo.check_consistency is ",
-          mine[1] ? "true" : "false", " here but ", all[3 * r + 1] ? "true" : "false",
+          ConsistencyCheckName(options_.check_consistency), " here but ",
+          known ? ConsistencyCheckName(static_cast<ConsistencyCheck>(theirs))
+                : absl::string_view("unknown"),
           " on rank ", r, "; every rank must use the same setting"));
     }
   }
@@ -917,8 +938,7 @@ std::string ErrorText(const Envelope& h, const uint64_t* envelope) {
 absl::Status GlooCommunicator::ExchangeEnvelopes(
     const Envelope& mine, const absl::Status& local_error,
     const void* inline_payload, size_t inline_bytes, absl::Time deadline) {
-  Envelope h = mine;
-  h.call = calls_++;
+  const Envelope& h = mine;
   FillEnvelope(h, local_error, inline_payload, inline_bytes,
                envelope_out_.data());
   const char* what = OpKindName(h.kind);
@@ -975,6 +995,177 @@ absl::Status GlooCommunicator::ExchangeEnvelopes(
       ": ranks disagree on the call: ", absl::StrJoin(lines, "; "),
       ". Every rank must make the same collective calls in the same order "
       "with the same shapes and dtypes"));
+}
+
+int64_t GlooCommunicator::envelope_exchanges() const {
+  absl::MutexLock lock(&mu_);
+  return envelope_exchanges_;
+}
+
+namespace {
+
+// How many AllReduce/AllGather/Broadcast signatures a group remembers.
+constexpr size_t kMaxVerified = 64;
+// Tags below this are the backend's own (envelope, handshake, goodbye).
+constexpr uint32_t kFirstDataTag = 16;
+// Longest wait for the peers' descriptions after a timeout (peers that
+// disagree time out at about the same moment, give or take scheduling).
+constexpr absl::Duration kMaxDiagnosisWait = absl::Seconds(3);
+
+// The call without its number and error fields: what ranks must agree on.
+Envelope Signature(const Envelope& h) {
+  Envelope s = h;
+  s.call = 0;
+  s.error_bytes = 0;
+  return s;
+}
+
+}  // namespace
+
+bool GlooCommunicator::IsVerified(const Envelope& h) const {
+  const Envelope sig = Signature(h);
+  const std::vector<Envelope>& list =
+      h.kind == static_cast<int64_t>(OpKind::kReduceScatter)
+          ? verified_reduce_scatter_
+          : verified_;
+  for (const Envelope& v : list) {
+    if (SameCall(v, sig, /*p2p=*/false)) return true;
+  }
+  return false;
+}
+
+void GlooCommunicator::RememberVerified(const Envelope& h) {
+  if (IsVerified(h)) return;
+  const Envelope sig = Signature(h);
+  if (h.kind == static_cast<int64_t>(OpKind::kReduceScatter)) {
+    // One entry only: the Gloo algorithm takes no tag, so two ranks that both
+    // skip the exchange must be sure to run the same call.
+    verified_reduce_scatter_.assign(1, sig);
+    return;
+  }
+  if (verified_.size() == kMaxVerified) verified_.erase(verified_.begin());
+  verified_.push_back(sig);
+}
+
+uint32_t GlooCommunicator::DataTag(const Envelope& h) {
+  // FNV-1a over the signature's bytes: stable across processes and builds
+  // (absl::Hash is seeded per process, so ranks would disagree).
+  const Envelope sig = Signature(h);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(&sig);
+  uint64_t hash = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < sizeof(sig); ++i) {
+    hash = (hash ^ bytes[i]) * 0x100000001b3ull;
+  }
+  const uint64_t folded = (hash >> 32) ^ (hash & 0xffffffffull);
+  return kFirstDataTag +
+         static_cast<uint32_t>(folded % (uint64_t{0xffffffff} - kFirstDataTag));
+}
+
+absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
+                                     bool inline_data, const void* payload,
+                                     size_t payload_bytes, absl::Time deadline,
+                                     bool* exchanged) {
+  h.call = calls_++;
+  *exchanged = false;
+  switch (options_.check_consistency) {
+    case ConsistencyCheck::kOff:
+      return local;
+    case ConsistencyCheck::kFirstUse:
+      // A verified signature is locally valid (only successful exchanges
+      // are remembered), so `local` is OK whenever this skips.
+      if (local.ok() && !inline_data && IsVerified(h)) return absl::OkStatus();
+      break;
+    case ConsistencyCheck::kAlways:
+      break;
+  }
+  *exchanged = true;
+  ++envelope_exchanges_;
+  const absl::Status agreed = ExchangeEnvelopes(
+      h, local, inline_data ? payload : nullptr, inline_data ? payload_bytes : 0,
+      deadline);
+  if (agreed.code() == absl::StatusCode::kDeadlineExceeded ||
+      agreed.code() == absl::StatusCode::kUnavailable) {
+    return Diagnose(h, agreed);
+  }
+  RETURN_IF_ERROR(agreed);
+  if (options_.check_consistency == ConsistencyCheck::kFirstUse &&
+      !inline_data && h.kind != static_cast<int64_t>(OpKind::kBarrier)) {
+    RememberVerified(h);
+  }
+  return absl::OkStatus();
+}
+
+template <typename Fn>
+absl::Status GlooCommunicator::GuardedData(const Envelope& h, Fn&& fn) {
+  const absl::Status s = Guarded(OpKindName(h.kind), std::forward<Fn>(fn));
+  if (s.code() == absl::StatusCode::kDeadlineExceeded ||
+      s.code() == absl::StatusCode::kUnavailable) {
+    return Diagnose(h, s);
+  }
+  return s;
+}
+
+absl::Status GlooCommunicator::Diagnose(const Envelope& h,
+                                        const absl::Status& error) {
+  broken_ = error;
+  if (store_ == nullptr) return broken_;
+  const std::string mine = Describe(h);
+  const std::string prefix = absl::StrCat("gloo/diag/", h.call, "/");
+  if (!store_->Set(absl::StrCat(prefix, rank_), mine).ok()) return broken_;
+  // A peer that timed out too has posted, or will post within moments; one
+  // whose connection dropped (`error` kUnavailable) may have posted before it
+  // left, or died: look without waiting.
+  const absl::Duration wait =
+      error.code() == absl::StatusCode::kUnavailable
+          ? absl::ZeroDuration()
+          : std::min(timeout_, kMaxDiagnosisWait);
+  const absl::Time until = absl::Now() + wait;
+  std::vector<std::pair<std::string, std::vector<int>>> groups = {{mine, {rank_}}};
+  std::vector<int> missing;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    absl::StatusOr<std::string> theirs = store_->Get(
+        absl::StrCat(prefix, r), std::max(until - absl::Now(), absl::Milliseconds(1)));
+    if (!theirs.ok()) {
+      missing.push_back(r);
+      continue;
+    }
+    bool found = false;
+    for (auto& g : groups) {
+      if (g.first == *theirs) {
+        g.second.push_back(r);
+        found = true;
+        break;
+      }
+    }
+    if (!found) groups.push_back({*theirs, {r}});
+  }
+  for (auto& g : groups) std::sort(g.second.begin(), g.second.end());
+  if (groups.size() > 1) {
+    std::vector<std::string> lines;
+    for (const auto& g : groups) {
+      lines.push_back(absl::StrCat(g.first, " on rank",
+                                   g.second.size() > 1 ? "s " : " ",
+                                   absl::StrJoin(g.second, ", ")));
+    }
+    broken_ = absl::InvalidArgumentError(absl::StrCat(
+        "gloo ", OpKindName(h.kind), " on rank ", rank_,
+        ": ranks disagree on the call: ", absl::StrJoin(lines, "; "),
+        missing.empty() ? ""
+                        : absl::StrCat("; no answer from rank(s) ",
+                                       absl::StrJoin(missing, ", ")),
+        ". Found after the call timed out (ranks that had verified these "
+        "arguments before skip the consistency exchange, and calls that "
+        "disagree never exchange data), so the communicator is unusable. "
+        "Every rank must make the same collective calls in the same order "
+        "with the same shapes and dtypes"));
+  } else if (!missing.empty() &&
+             error.code() == absl::StatusCode::kDeadlineExceeded) {
+    broken_ = absl::DeadlineExceededError(absl::StrCat(
+        error.message(), "; rank(s) ", absl::StrJoin(missing, ", "),
+        " did not reach ", mine));
+  }
+  return broken_;
 }
 
 absl::Status GlooCommunicator::ExchangeP2PHeaders(
@@ -1045,31 +1236,26 @@ absl::Status GlooCommunicator::AllReduceLocked(Tensor& t, ReduceOp op) {
   const absl::Status local = ValidateTensor(t, "AllReduce", "t");
   if (size_ == 1) return local;  // every op of one value is the value
   const size_t nbytes = local.ok() ? t.nbytes() : 0;
-  if (options_.check_consistency) {
-    const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
-    RETURN_IF_ERROR(ExchangeEnvelopes(
-        MakeHeader(OpKind::kAllReduce, &t, static_cast<int64_t>(op), -1),
-        local, inline_data ? t.raw_data() : nullptr,
-        inline_data ? nbytes : 0, deadline));
-    if (t.numel() == 0) return absl::OkStatus();
-    if (inline_data) {
-      ReduceInRankOrder(t.dtype(), op, size_, t.numel(), t.raw_data(),
-                        [&](int r) { return PeerPayload(r); });
-      if (op == ReduceOp::kAvg) DivideBySize(t, size_);
-      return absl::OkStatus();
-    }
-  } else {
-    RETURN_IF_ERROR(local);
-    if (t.numel() == 0) return absl::OkStatus();
+  const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
+  Envelope h = MakeHeader(OpKind::kAllReduce, &t, static_cast<int64_t>(op), -1);
+  bool exchanged = false;
+  RETURN_IF_ERROR(Agree(h, local, inline_data, t.raw_data(), nbytes, deadline,
+                        &exchanged));
+  if (t.numel() == 0) return absl::OkStatus();
+  if (exchanged && inline_data) {
+    ReduceInRankOrder(t.dtype(), op, size_, t.numel(), t.raw_data(),
+                      [&](int r) { return PeerPayload(r); });
+    if (op == ReduceOp::kAvg) DivideBySize(t, size_);
+    return absl::OkStatus();
   }
-  RETURN_IF_ERROR(Guarded("AllReduce", [&] {
+  RETURN_IF_ERROR(GuardedData(h, [&] {
     DispatchGlooType(t.dtype(), [&](auto tag) {
       using G = decltype(tag);
       gloo::AllreduceOptions opts(context_);
       opts.setOutput<G>(static_cast<G*>(t.raw_data()),
                         static_cast<size_t>(t.numel()));
       opts.setReduceFunction(RawReduce<G>(op));
-      opts.setTag(kDataTag);
+      opts.setTag(DataTag(h));
       opts.setTimeout(Remaining(deadline));
       gloo::allreduce(opts);
     });
@@ -1093,30 +1279,26 @@ absl::Status GlooCommunicator::BroadcastLocked(Tensor& t, int root) {
   }
   if (size_ == 1) return local;
   const size_t nbytes = local.ok() ? t.nbytes() : 0;
-  if (options_.check_consistency) {
-    const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
-    const bool send_payload = inline_data && rank_ == root;
-    RETURN_IF_ERROR(ExchangeEnvelopes(
-        MakeHeader(OpKind::kBroadcast, &t, -1, root), local,
-        send_payload ? t.raw_data() : nullptr, send_payload ? nbytes : 0,
-        deadline));
-    if (t.numel() == 0) return absl::OkStatus();
-    if (inline_data) {
-      if (rank_ != root) std::memcpy(t.raw_data(), PeerPayload(root), nbytes);
-      return absl::OkStatus();
-    }
-  } else {
-    RETURN_IF_ERROR(local);
-    if (t.numel() == 0) return absl::OkStatus();
+  const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
+  const bool send_payload = inline_data && rank_ == root;
+  Envelope h = MakeHeader(OpKind::kBroadcast, &t, -1, root);
+  bool exchanged = false;
+  RETURN_IF_ERROR(Agree(h, local, inline_data,
+                        send_payload ? t.raw_data() : nullptr,
+                        send_payload ? nbytes : 0, deadline, &exchanged));
+  if (t.numel() == 0) return absl::OkStatus();
+  if (exchanged && inline_data) {
+    if (rank_ != root) std::memcpy(t.raw_data(), PeerPayload(root), nbytes);
+    return absl::OkStatus();
   }
-  return Guarded("Broadcast", [&] {
+  return GuardedData(h, [&] {
     DispatchGlooType(t.dtype(), [&](auto tag) {
       using G = decltype(tag);
       gloo::BroadcastOptions opts(context_);
       opts.setOutput<G>(static_cast<G*>(t.raw_data()),
                         static_cast<size_t>(t.numel()));
       opts.setRoot(root);
-      opts.setTag(kDataTag);
+      opts.setTag(DataTag(h));
       opts.setTimeout(Remaining(deadline));
       gloo::broadcast(opts);
     });
@@ -1139,28 +1321,23 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
     return out.CopyFrom(in);
   }
   const size_t nbytes = local.ok() ? in.nbytes() : 0;
-  if (options_.check_consistency) {
-    const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
-    RETURN_IF_ERROR(ExchangeEnvelopes(
-        MakeHeader(OpKind::kAllGather, &in, -1, -1), local,
-        inline_data ? in.raw_data() : nullptr, inline_data ? nbytes : 0,
-        deadline));
-    if (in.numel() == 0) return absl::OkStatus();
-    if (inline_data) {
-      char* dst = static_cast<char*>(out.raw_data());
-      for (int r = 0; r < size_; ++r) {
-        std::memcpy(dst + r * nbytes, PeerPayload(r), nbytes);
-      }
-      return absl::OkStatus();
+  const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
+  Envelope h = MakeHeader(OpKind::kAllGather, &in, -1, -1);
+  bool exchanged = false;
+  RETURN_IF_ERROR(Agree(h, local, inline_data, in.raw_data(), nbytes, deadline,
+                        &exchanged));
+  if (in.numel() == 0) return absl::OkStatus();
+  if (exchanged && inline_data) {
+    char* dst = static_cast<char*>(out.raw_data());
+    for (int r = 0; r < size_; ++r) {
+      std::memcpy(dst + r * nbytes, PeerPayload(r), nbytes);
     }
-  } else {
-    RETURN_IF_ERROR(local);
-    if (in.numel() == 0) return absl::OkStatus();
+    return absl::OkStatus();
   }
   // Gloo copies `in` into its slot of `out` first; an `in` that overlaps
   // `out` must be copied out of the way.
   const Tensor source = in.SharesStorageWith(out) ? in.Clone() : in;
-  return Guarded("AllGather", [&] {
+  return GuardedData(h, [&] {
     DispatchGlooType(in.dtype(), [&](auto tag) {
       using G = decltype(tag);
       gloo::AllgatherOptions opts(context_);
@@ -1168,7 +1345,7 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
                        static_cast<size_t>(source.numel()));
       opts.setOutput<G>(static_cast<G*>(out.raw_data()),
                         static_cast<size_t>(out.numel()));
-      opts.setTag(kDataTag);
+      opts.setTag(DataTag(h));
       opts.setTimeout(Remaining(deadline));
       gloo::allgather(opts);
     });
@@ -1196,29 +1373,31 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
   }
   const size_t in_bytes = local.ok() ? in.nbytes() : 0;
   const size_t chunk_bytes = local.ok() ? out.nbytes() : 0;
-  if (options_.check_consistency) {
-    const bool inline_data = local.ok() && in_bytes <= kGlooInlineBytes;
-    RETURN_IF_ERROR(ExchangeEnvelopes(
-        MakeHeader(OpKind::kReduceScatter, &in, static_cast<int64_t>(op), -1),
-        local, inline_data ? in.raw_data() : nullptr,
-        inline_data ? in_bytes : 0, deadline));
-    if (in.numel() == 0) return absl::OkStatus();
-    if (inline_data) {
-      ReduceInRankOrder(in.dtype(), op, size_, out.numel(), out.raw_data(),
-                        [&](int r) { return PeerPayload(r) + rank_ * chunk_bytes; });
-      if (op == ReduceOp::kAvg) DivideBySize(out, size_);
-      return absl::OkStatus();
-    }
-  } else {
-    RETURN_IF_ERROR(local);
-    if (in.numel() == 0) return absl::OkStatus();
+  const bool inline_data = local.ok() && in_bytes <= kGlooInlineBytes;
+  Envelope h =
+      MakeHeader(OpKind::kReduceScatter, &in, static_cast<int64_t>(op), -1);
+  bool exchanged = false;
+  RETURN_IF_ERROR(Agree(h, local, inline_data, in.raw_data(), in_bytes,
+                        deadline, &exchanged));
+  if (in.numel() == 0) return absl::OkStatus();
+  if (exchanged && inline_data) {
+    ReduceInRankOrder(in.dtype(), op, size_, out.numel(), out.raw_data(),
+                      [&](int r) { return PeerPayload(r) + rank_ * chunk_bytes; });
+    if (op == ReduceOp::kAvg) DivideBySize(out, size_);
+    return absl::OkStatus();
   }
-  // Gloo's reduce-scatter works in place on its input: reduce a copy.
-  Tensor work = in.Clone();
-  RETURN_IF_ERROR(Guarded("ReduceScatter", [&] {
+  // Gloo's reduce-scatter works in place on its input: reduce a copy, in a
+  // buffer kept between calls (8-byte words keep every dtype aligned).
+  const size_t words = (in_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
+  if (scratch_.size() < words) {
+    scratch_ = std::vector<uint64_t>();  // free the old one before growing
+    scratch_.resize(words);
+  }
+  std::memcpy(scratch_.data(), in.raw_data(), in_bytes);
+  RETURN_IF_ERROR(GuardedData(h, [&] {
     DispatchGlooType(in.dtype(), [&](auto tag) {
       using G = decltype(tag);
-      G* ptr = static_cast<G*>(work.raw_data());
+      G* ptr = reinterpret_cast<G*>(scratch_.data());
       if (in_bytes <= static_cast<size_t>(INT_MAX)) {
         // ReduceScatterHalvingDoubling counts elements and bytes in int.
         std::vector<int> counts(size_, static_cast<int>(out.numel()));
@@ -1232,7 +1411,7 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
         gloo::AllreduceOptions opts(context_);
         opts.setOutput<G>(ptr, static_cast<size_t>(in.numel()));
         opts.setReduceFunction(RawReduce<G>(op));
-        opts.setTag(kDataTag);
+        opts.setTag(DataTag(h));
         opts.setTimeout(Remaining(deadline));
         gloo::allreduce(opts);
         std::memcpy(out.raw_data(),
@@ -1250,14 +1429,16 @@ absl::Status GlooCommunicator::Barrier() {
   RETURN_IF_ERROR(CheckUsable("Barrier"));
   if (size_ == 1) return absl::OkStatus();
   const absl::Time deadline = absl::Now() + timeout_;
-  if (options_.check_consistency) {
-    // The envelope all-gather completes only when every rank has entered.
-    return ExchangeEnvelopes(MakeHeader(OpKind::kBarrier, nullptr, -1, -1),
-                             absl::OkStatus(), nullptr, 0, deadline);
-  }
-  return Guarded("Barrier", [&] {
+  // With a check, the envelope all-gather is the barrier: it completes only
+  // when every rank has entered.
+  Envelope h = MakeHeader(OpKind::kBarrier, nullptr, -1, -1);
+  bool exchanged = false;
+  RETURN_IF_ERROR(Agree(h, absl::OkStatus(), /*inline_data=*/true, nullptr, 0,
+                        deadline, &exchanged));
+  if (exchanged) return absl::OkStatus();
+  return GuardedData(h, [&] {
     gloo::BarrierOptions opts(context_);
-    opts.setTag(kDataTag);
+    opts.setTag(DataTag(h));
     opts.setTimeout(Remaining(deadline));
     gloo::barrier(opts);
   });
@@ -1280,7 +1461,7 @@ absl::Status GlooCommunicator::SendLocked(const Tensor& t, int dst) {
   const absl::Time deadline = absl::Now() + timeout_;
   const absl::Status local = ValidateTensor(t, "Send", "t");
   const uint32_t seq = sent_[dst]++;
-  if (options_.check_consistency) {
+  if (options_.check_consistency != ConsistencyCheck::kOff) {
     RETURN_IF_ERROR(ExchangeP2PHeaders(/*is_sender=*/true, dst, seq, t, local,
                                        deadline));
     if (t.nbytes() <= kGlooInlineBytes) return absl::OkStatus();
@@ -1317,7 +1498,7 @@ absl::Status GlooCommunicator::RecvLocked(Tensor& t, int src) {
   const absl::Time deadline = absl::Now() + timeout_;
   const absl::Status local = ValidateTensor(t, "Recv", "t");
   const uint32_t seq = received_[src]++;
-  if (options_.check_consistency) {
+  if (options_.check_consistency != ConsistencyCheck::kOff) {
     RETURN_IF_ERROR(ExchangeP2PHeaders(/*is_sender=*/false, src, seq, t, local,
                                        deadline));
     if (t.nbytes() <= kGlooInlineBytes) {

@@ -19,21 +19,47 @@
 // overflow are undefined, as in C++. kMax/kMin with NaNs follow std::max /
 // std::min (the result depends on the order of ranks).
 //
-// Consistency check (GlooOptions::check_consistency, default on). Before any
-// data moves, every collective all-gathers a fixed-size envelope from each
-// rank: a header (call number, collective, dtype, shape, root, reduce op) and
-// an inline payload of up to kGlooInlineBytes. A disagreement between ranks
-// becomes kInvalidArgument on every rank, naming the ranks and what each
-// passed; arguments that a rank rejects locally (wrong output size, bad root)
-// are reported the same way on every rank, so that no rank waits for a peer
-// that has already given up. Messages that fit in the inline payload complete
-// from the envelope (AllReduce, ReduceScatter: a local reduction over the
-// ranks' inputs in rank order; AllGather, Broadcast: copies), so small
-// collectives take a single all-gather. Larger ones pay one small all-gather
-// more than raw Gloo. Send/Recv exchange headers both ways before the data.
-// Turning the check off saves that round trip, but a shape or dtype mismatch
-// may then abort the process inside Gloo (its I/O thread enforces buffer
-// sizes) or give a wrong result. Every rank must use the same setting (a
+// Consistency check (GlooOptions::check_consistency). Before data moves, a
+// collective may all-gather a fixed-size envelope from each rank: a header
+// (call number, collective, dtype, shape, root, reduce op) and an inline
+// payload of up to kGlooInlineBytes. A disagreement between ranks becomes
+// kInvalidArgument on every rank, naming the ranks and what each passed;
+// arguments that a rank rejects locally (wrong output size, bad root) are
+// reported the same way on every rank, so that no rank waits for a peer that
+// has already given up; the group stays usable. Messages that fit in the
+// inline payload complete from the envelope (AllReduce, ReduceScatter: a local
+// reduction over the ranks' inputs in rank order; AllGather, Broadcast:
+// copies), so small collectives take a single all-gather. The three modes:
+//
+//   kFirstUse (default, "first_use")  the envelope is exchanged for messages
+//       of at most kGlooInlineBytes (it carries them), for Barrier, and for
+//       the first call of each signature (collective, dtype, shape, root,
+//       reduce op) above that size. Once every rank has agreed on a
+//       signature, later calls with it send only the data: no extra round
+//       trip (the last 64 signatures of AllReduce/AllGather/Broadcast and
+//       the last one of ReduceScatter are remembered; every rank remembers
+//       the same ones because they are learnt from the same exchanges).
+//   kAlways ("always", "true", "1")   every call exchanges the envelope
+//       first: one small all-gather more than raw Gloo above 4 KB.
+//   kOff ("off", "false", "0")         no envelope; data only.
+//
+// Why skipping is safe: AllReduce, AllGather, Broadcast and Barrier put a
+// 32-bit fingerprint of their signature into the Gloo tag, so calls that
+// disagree use different Gloo slots and never exchange data (a size mismatch
+// on one slot would abort the process inside Gloo's I/O thread, which
+// enforces buffer sizes); ReduceScatter's Gloo algorithm cannot take a tag,
+// so it skips only when its signature equals the last verified one, which
+// every rank of a usable group shares. A call that disagrees with a peer
+// after skipping therefore waits instead of crashing: when any collective
+// times out, each rank posts its call to the store (under "gloo/diag/") and
+// reads its peers' (waiting at most min(timeout, 3 s); after a lost
+// connection it only looks); ranks that called something else turn the error
+// into kInvalidArgument naming them, ranks that never reached the call are
+// named in the kDeadlineExceeded. Such a
+// mismatch is found only after the timeout and leaves the group unusable;
+// with kAlways it is found at once. With kOff, a ReduceScatter mismatch may
+// still abort inside Gloo. Send/Recv exchange headers both ways before the
+// data in kFirstUse and kAlways. Every rank must use the same mode (a
 // mismatch fails the rendezvous with kInvalidArgument).
 //
 // Errors: kInvalidArgument for bad or mismatched arguments (the group stays
@@ -104,6 +130,13 @@ namespace tp {
 // compile-time constant because every rank must use the same envelope size.
 inline constexpr size_t kGlooInlineBytes = 4096;
 
+// When the gloo backend checks that ranks agree on a call (see "Consistency
+// check" above).
+enum class ConsistencyCheck { kOff, kFirstUse, kAlways };
+
+// "off", "first_use", "always".
+absl::string_view ConsistencyCheckName(ConsistencyCheck check);
+
 // Gloo-specific settings, read from BackendContext::options by
 // ParseGlooOptions ("gloo.hostname", "gloo.iface", "gloo.check_consistency").
 struct GlooOptions {
@@ -114,15 +147,14 @@ struct GlooOptions {
   std::string hostname;
   // Network interface to bind ("eth0"); takes precedence over hostname.
   std::string iface;
-  // See "Consistency check" above. Default true; false saves one small
-  // all-gather per collective above kGlooInlineBytes, at the price of
-  // undefined behaviour (possibly an abort inside Gloo) on mismatched calls.
-  bool check_consistency = true;
+  // See "Consistency check" above.
+  ConsistencyCheck check_consistency = ConsistencyCheck::kFirstUse;
 };
 
 // Reads the "gloo.*" keys of `options`; other prefixes are ignored.
 // kInvalidArgument naming the key for an unknown "gloo." key or a bad value
-// (check_consistency takes true/false/1/0).
+// (check_consistency takes first_use, always or off; true/1 mean always,
+// false/0 off).
 absl::StatusOr<GlooOptions> ParseGlooOptions(
     const std::map<std::string, std::string>& options);
 
@@ -162,6 +194,9 @@ class GlooCommunicator final : public Communicator {
   // group of one).
   const std::string& bound_address() const { return bound_address_; }
   const GlooOptions& options() const { return options_; }
+  // How many collective calls so far exchanged the consistency envelope (for
+  // tests and benchmarks: with kFirstUse, repeated large calls do not).
+  int64_t envelope_exchanges() const;
 
   // Internal; public for the implementation's helpers.
   struct Envelope;
@@ -188,6 +223,31 @@ class GlooCommunicator final : public Communicator {
                                  const absl::Status& local_error,
                                  const void* inline_payload,
                                  size_t inline_bytes, absl::Time deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts collective `h` (call number assigned here): decides, by the mode
+  // and the verified signatures, whether the envelope must be exchanged, and
+  // exchanges it if so. `inline_data`: the call completes from the envelope
+  // (`payload` holds this rank's `payload_bytes`). On return *exchanged says
+  // whether the peers' envelopes (PeerPayload) are valid. Returns `local`
+  // when no exchange takes place.
+  absl::Status Agree(Envelope& h, const absl::Status& local, bool inline_data,
+                     const void* payload, size_t payload_bytes,
+                     absl::Time deadline, bool* exchanged)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool IsVerified(const Envelope& h) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RememberVerified(const Envelope& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The Gloo tag of collective `h`'s data: a fingerprint of its signature.
+  static uint32_t DataTag(const Envelope& h);
+  // Runs a collective's data transfer `fn` through Guarded; when it times
+  // out, Diagnose turns the error into a better one.
+  template <typename Fn>
+  absl::Status GuardedData(const Envelope& h, Fn&& fn)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After collective `h` failed with kDeadlineExceeded `error`: exchanges
+  // descriptions of the call through the store and returns kInvalidArgument
+  // naming ranks that called something else, or `error` naming the ranks
+  // that never reached the call. Marks the group broken.
+  absl::Status Diagnose(const Envelope& h, const absl::Status& error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The payload rank `r` sent in the last envelope exchange.
   const char* PeerPayload(int r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -231,6 +291,15 @@ class GlooCommunicator final : public Communicator {
   // all-gather. 64-bit words keep the payloads 8-byte aligned.
   std::vector<uint64_t> envelope_out_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> envelope_in_ ABSL_GUARDED_BY(mu_);
+  // The group's store (diagnosis after a timeout); null for a group of one.
+  std::shared_ptr<Store> store_;
+  // Signatures (call number 0) every rank has agreed on, oldest first
+  // (AllReduce, AllGather, Broadcast), and the last ReduceScatter one.
+  std::vector<Envelope> verified_ ABSL_GUARDED_BY(mu_);
+  std::vector<Envelope> verified_reduce_scatter_ ABSL_GUARDED_BY(mu_);
+  int64_t envelope_exchanges_ ABSL_GUARDED_BY(mu_) = 0;
+  // ReduceScatter's working copy of its input, grown as needed and kept.
+  std::vector<uint64_t> scratch_ ABSL_GUARDED_BY(mu_);
 };
 
 // The "gloo" factory: ParseGlooOptions(ctx.options), then Create. The

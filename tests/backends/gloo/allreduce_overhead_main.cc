@@ -50,7 +50,8 @@ int RunRank(int rank, const std::string& dir, int rounds, size_t max_bytes) {
     ctx.store = std::shared_ptr<Store>(std::move(store).value());
     ctx.timeout = absl::Seconds(60);
     GlooOptions options;
-    options.check_consistency = check;
+    options.check_consistency =
+        check ? ConsistencyCheck::kAlways : ConsistencyCheck::kOff;
     auto comm = GlooCommunicator::Create(ctx, options);
     CHECK(comm.ok()) << comm.status();
     return std::move(comm).value();
