@@ -25,8 +25,9 @@
 //
 // Each iteration refills the inputs (untimed), then times one call of each
 // side, each after a barrier (ours first in even iterations, raw first in
-// odd ones); warm-up iterations (--warmup) are not timed. The time of an iteration is the
-// slowest rank's; a row prints the median over --iters iterations.
+// odd ones); warm-up iterations (--warmup) are not timed. The time of an
+// iteration is the slowest rank's; a row prints the median over --iters
+// iterations.
 //
 // Columns follow nccl-tests (src/common.h): size = bytes of the whole buffer
 // (AllGather: the output, ReduceScatter: the input), count = its elements,
@@ -90,13 +91,15 @@
 
 ABSL_FLAG(int, nproc, 1, "Ranks to start on this host (re-launches self).");
 ABSL_FLAG(int64_t, minbytes, 4, "Smallest message size in bytes.");
-ABSL_FLAG(int64_t, maxbytes, int64_t{64} << 20, "Largest message size in bytes.");
+ABSL_FLAG(int64_t, maxbytes, int64_t{64} << 20,
+          "Largest message size in bytes.");
 ABSL_FLAG(int, stepfactor, 4, "Size multiplier between rows (2 or more).");
 ABSL_FLAG(int, iters, 20, "Timed iterations per size (median reported).");
 ABSL_FLAG(int, warmup, 3, "Untimed iterations per size before timing.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Element type: float32, float64, float16, int32, int64.");
-ABSL_FLAG(std::string, ops, "allreduce,allgather,reducescatter,broadcast",
+ABSL_FLAG(std::string, ops,
+          "allreduce,allgather,reducescatter,reducescatter_overwrite,broadcast",
           "Comma-separated collectives to run.");
 ABSL_FLAG(int, root, 0, "Broadcast root.");
 ABSL_FLAG(int, timeout_s, 120, "Timeout of the rendezvous and every call.");
@@ -110,16 +113,27 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Coll { kAllReduce, kAllGather, kReduceScatter, kBroadcast };
+// kReduceScatterOverwrite: ReduceScatterOverwritingInput (the input is the
+// working buffer, as in raw Gloo's call); kReduceScatter keeps its input and
+// so copies it first.
+enum class Coll {
+  kAllReduce,
+  kAllGather,
+  kReduceScatter,
+  kReduceScatterOverwrite,
+  kBroadcast
+};
 
 absl::StatusOr<Coll> ParseColl(absl::string_view name) {
   if (name == "allreduce") return Coll::kAllReduce;
   if (name == "allgather") return Coll::kAllGather;
   if (name == "reducescatter") return Coll::kReduceScatter;
+  if (name == "reducescatter_overwrite") return Coll::kReduceScatterOverwrite;
   if (name == "broadcast") return Coll::kBroadcast;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--ops: unknown collective \"", name,
-      "\"; known: allreduce, allgather, reducescatter, broadcast"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--ops: unknown collective \"", name,
+                   "\"; known: allreduce, allgather, reducescatter, "
+                   "reducescatter_overwrite, broadcast"));
 }
 
 const char* CollName(Coll c) {
@@ -130,6 +144,8 @@ const char* CollName(Coll c) {
       return "AllGather";
     case Coll::kReduceScatter:
       return "ReduceScatter";
+    case Coll::kReduceScatterOverwrite:
+      return "ReduceScatterOverwritingInput";
     case Coll::kBroadcast:
       return "Broadcast";
   }
@@ -143,6 +159,7 @@ double BusFactor(Coll c, int n) {
       return 2.0 * (n - 1) / n;
     case Coll::kAllGather:
     case Coll::kReduceScatter:
+    case Coll::kReduceScatterOverwrite:
       return static_cast<double>(n - 1) / n;
     case Coll::kBroadcast:
       return 1.0;
@@ -249,8 +266,8 @@ std::string RunConditions() {
   std::string one, five, fifteen;
   in >> one >> five >> fifteen;
   const int policy = sched_getscheduler(0);
-  const char* name = policy == SCHED_FIFO   ? "SCHED_FIFO"
-                     : policy == SCHED_RR   ? "SCHED_RR"
+  const char* name = policy == SCHED_FIFO    ? "SCHED_FIFO"
+                     : policy == SCHED_RR    ? "SCHED_RR"
                      : policy == SCHED_OTHER ? "SCHED_OTHER"
                                              : "other policy";
   return absl::StrCat("load average ", one, " ", five, " ", fifteen, ", ",
@@ -274,8 +291,8 @@ struct Side {
 };
 
 struct Result {
-  double us = 0;       // median over iterations of the slowest rank's time
-  int64_t wrong = 0;   // over all ranks and iterations
+  double us = 0;      // median over iterations of the slowest rank's time
+  int64_t wrong = 0;  // over all ranks and iterations
 };
 
 // Per-iteration maximum over ranks of `local` (all-gathered), then median.
@@ -305,8 +322,8 @@ absl::StatusOr<int64_t> SumOverRanks(Communicator& comm, int64_t v) {
 
 // Times `ours` and `raw` in alternation (see the file comment).
 absl::StatusOr<std::pair<Result, Result>> Measure(Communicator& comm,
-                                                  const Settings& s,
-                                                  Side& ours, Side& raw) {
+                                                  const Settings& s, Side& ours,
+                                                  Side& raw) {
   std::vector<double> ours_us, raw_us;
   int64_t ours_wrong = 0, raw_wrong = 0;
   auto timed = [&](Side& side, int k, std::vector<double>& times,
@@ -316,7 +333,8 @@ absl::StatusOr<std::pair<Result, Result>> Measure(Communicator& comm,
     RETURN_IF_ERROR(side.run());
     const Clock::time_point t1 = Clock::now();
     if (k >= s.warmup) {
-      times.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      times.push_back(
+          std::chrono::duration<double, std::micro>(t1 - t0).count());
     }
     wrong += side.check(k);
     return absl::OkStatus();
@@ -352,7 +370,8 @@ struct RowSize {
 
 RowSize SizeFor(Coll c, int64_t bytes, size_t element, int n) {
   RowSize r;
-  if (c == Coll::kAllGather || c == Coll::kReduceScatter) {
+  if (c == Coll::kAllGather || c == Coll::kReduceScatter ||
+      c == Coll::kReduceScatterOverwrite) {
     r.per_rank = bytes / static_cast<int64_t>(element * n);
     r.count = r.per_rank * n;
   } else {
@@ -364,15 +383,15 @@ RowSize SizeFor(Coll c, int64_t bytes, size_t element, int n) {
 
 // Builds both sides of collective `c` for one size, with element type T.
 template <typename T>
-void MakeSides(Coll c, const RowSize& rs, const Settings& s,
-               Communicator& comm, const std::shared_ptr<gloo::Context>& ctx,
+void MakeSides(Coll c, const RowSize& rs, const Settings& s, Communicator& comm,
+               const std::shared_ptr<gloo::Context>& ctx,
                std::vector<Tensor>& keep, Side& ours, Side& raw) {
   using G = typename GlooTypeOf<T>::type;
   const DType dt = DTypeOf<T>::value;
   const int n = s.size, rank = s.rank, root = s.root;
   const int64_t count = rs.count, chunk = rs.per_rank;
-  const auto timeout = std::chrono::milliseconds(
-      absl::ToInt64Milliseconds(s.timeout));
+  const auto timeout =
+      std::chrono::milliseconds(absl::ToInt64Milliseconds(s.timeout));
   switch (c) {
     case Coll::kAllReduce: {
       Tensor a = Tensor::Empty({count}, dt);
@@ -441,7 +460,8 @@ void MakeSides(Coll c, const RowSize& rs, const Settings& s,
       raw.check = [=](int k) { return check(pob, k); };
       return;
     }
-    case Coll::kReduceScatter: {
+    case Coll::kReduceScatter:
+    case Coll::kReduceScatterOverwrite: {
       Tensor in_a = Tensor::Empty({count}, dt);
       Tensor out_a = Tensor::Empty({chunk}, dt);
       Tensor work_b = Tensor::Empty({count}, dt);
@@ -450,8 +470,10 @@ void MakeSides(Coll c, const RowSize& rs, const Settings& s,
       T* poa = out_a.data<T>();
       T* pwb = work_b.data<T>();
       ours.prepare = [=](int k) { Fill(pia, count, rank, 0, k); };
-      ours.run = [&comm, in_a, out_a]() mutable {
-        return comm.ReduceScatter(in_a, out_a);
+      const bool overwrite = c == Coll::kReduceScatterOverwrite;
+      ours.run = [&comm, in_a, out_a, overwrite]() mutable {
+        return overwrite ? comm.ReduceScatterOverwritingInput(in_a, out_a)
+                         : comm.ReduceScatter(in_a, out_a);
       };
       ours.check = [=](int k) {
         return CheckSum(poa, chunk, n, rank * chunk, k);
@@ -462,8 +484,7 @@ void MakeSides(Coll c, const RowSize& rs, const Settings& s,
           std::vector<int> counts(n, static_cast<int>(chunk));
           gloo::ReduceScatterHalvingDoubling<G> algorithm(
               ctx, std::vector<G*>{reinterpret_cast<G*>(pwb)},
-              static_cast<int>(count), counts,
-              gloo::ReductionFunction<G>::sum);
+              static_cast<int>(count), counts, gloo::ReductionFunction<G>::sum);
           algorithm.run();
         });
       };
@@ -528,14 +549,15 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
         "# %10s %12s %8s %6s %4s | %10s %8s %8s %6s | %10s %8s %8s %6s | "
         "%7s %8s\n",
         CollName(c), s.size,
-        c == Coll::kAllReduce       ? "gloo::allreduce (ring)"
-        : c == Coll::kAllGather     ? "gloo::allgather (ring)"
-        : c == Coll::kReduceScatter ? "gloo::ReduceScatterHalvingDoubling"
-                                    : "gloo::broadcast",
+        c == Coll::kAllReduce   ? "gloo::allreduce (ring)"
+        : c == Coll::kAllGather ? "gloo::allgather (ring)"
+        : c == Coll::kReduceScatter || c == Coll::kReduceScatterOverwrite
+            ? "gloo::ReduceScatterHalvingDoubling"
+            : "gloo::broadcast",
         "size", "count", "type", "redop", "root", "time", "algbw", "busbw",
         "#wrong", "raw time", "algbw", "busbw", "#wrong", "ours/", "diff",
-        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "",
-        "(us)", "(GB/s)", "(GB/s)", "", "raw", "(us)");
+        "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)",
+        "(GB/s)", "(GB/s)", "", "raw", "(us)");
   }
   int64_t total_wrong = 0;
   int64_t last_count = -1;
@@ -574,7 +596,8 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
                        "  %10d %12d %8s %6s %4s | %10.1f %8.3f %8.3f %6d | "
                        "%10.1f %8.3f %8.3f %6d | %7.3f %+8.1f\n",
                        rb, rs.count, DTypeName(dtype),
-                       (c == Coll::kAllReduce || c == Coll::kReduceScatter)
+                       (c == Coll::kAllReduce || c == Coll::kReduceScatter ||
+                        c == Coll::kReduceScatterOverwrite)
                            ? "sum"
                            : "none",
                        c == Coll::kBroadcast ? absl::StrCat(s.root) : "-1",
@@ -606,9 +629,9 @@ absl::StatusOr<int64_t> Run() {
       s.warmup < 0 || s.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "need 1 <= --minbytes <= --maxbytes, --stepfactor >= 2, --iters >= 1, "
-        "--warmup >= 0, --timeout_s > 0; got minbytes=", minbytes,
-        " maxbytes=", maxbytes, " stepfactor=", factor, " iters=", s.iters,
-        " warmup=", s.warmup));
+        "--warmup >= 0, --timeout_s > 0; got minbytes=",
+        minbytes, " maxbytes=", maxbytes, " stepfactor=", factor,
+        " iters=", s.iters, " warmup=", s.warmup));
   }
   ASSIGN_OR_RETURN(DType dtype, ParseDType(absl::GetFlag(FLAGS_dtype)));
   if (dtype == DType::kBFloat16) {
@@ -623,7 +646,8 @@ absl::StatusOr<int64_t> Run() {
     colls.push_back(c);
   }
 
-  ASSIGN_OR_RETURN(TensorParallelConfig config, TensorParallelConfig::FromEnv());
+  ASSIGN_OR_RETURN(TensorParallelConfig config,
+                   TensorParallelConfig::FromEnv());
   config.backend = "gloo";
   config.backend_options["gloo.check_consistency"] =
       absl::GetFlag(FLAGS_check_consistency);
@@ -638,12 +662,13 @@ absl::StatusOr<int64_t> Run() {
         "a collective benchmark needs 2 or more ranks: pass --nproc=N");
   }
   if (s.root < 0 || s.root >= s.size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--root=", s.root, " is out of range [0, ", s.size, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--root=", s.root, " is out of range [0, ", s.size, ")"));
   }
   auto* gloo_comm = dynamic_cast<GlooCommunicator*>(&comm);
   if (gloo_comm == nullptr) {
-    return absl::InternalError("the world communicator is not a GlooCommunicator");
+    return absl::InternalError(
+        "the world communicator is not a GlooCommunicator");
   }
 
   // The raw context: same store (own prefix), same address, same timeout.
@@ -660,7 +685,8 @@ absl::StatusOr<int64_t> Run() {
     RETURN_IF_ERROR(RawCall("rendezvous", [&] {
       std::shared_ptr<gloo::transport::Device> device =
           gloo::transport::tcp::CreateDevice(attr);
-      auto context = std::make_shared<gloo::rendezvous::Context>(s.rank, s.size);
+      auto context =
+          std::make_shared<gloo::rendezvous::Context>(s.rank, s.size);
       context->setTimeout(
           std::chrono::milliseconds(absl::ToInt64Milliseconds(s.timeout)));
       context->connectFullMesh(store, device);
@@ -673,9 +699,10 @@ absl::StatusOr<int64_t> Run() {
         "# tp collectives benchmark: %d ranks, dtype %s, %d B .. %d B (x%d), "
         "%d warm-up + %d timed iterations, median of the slowest rank\n"
         "# transport: gloo TCP on %s; check_consistency=%s; %s\n",
-        s.size, DTypeName(dtype), minbytes, maxbytes, factor, s.warmup,
-        s.iters, gloo_comm->bound_address(),
-        std::string(ConsistencyCheckName(gloo_comm->options().check_consistency)),
+        s.size, DTypeName(dtype), minbytes, maxbytes, factor, s.warmup, s.iters,
+        gloo_comm->bound_address(),
+        std::string(
+            ConsistencyCheckName(gloo_comm->options().check_consistency)),
         RunConditions());
   }
   const std::vector<int64_t> sizes = Sizes(minbytes, maxbytes, factor);
@@ -699,11 +726,11 @@ absl::StatusOr<int64_t> Run() {
     } else {
       std::vector<std::string> lines;
       for (const Violation& v : violations) {
-        lines.push_back(absl::StrCat(CollName(v.coll), " ", v.bytes, " B (",
-                                     v.why, ")"));
+        lines.push_back(
+            absl::StrCat(CollName(v.coll), " ", v.bytes, " B (", v.why, ")"));
       }
-      std::cout << "NOT met at " << violations.size() << " size(s): "
-                << absl::StrJoin(lines, ", ") << "\n";
+      std::cout << "NOT met at " << violations.size()
+                << " size(s): " << absl::StrJoin(lines, ", ") << "\n";
     }
     std::cout << absl::StrFormat("# benchmark time %.1f s\n", seconds)
               << std::flush;

@@ -1064,7 +1064,7 @@ uint32_t GlooCommunicator::DataTag(const Envelope& h) {
 absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
                                      bool inline_data, const void* payload,
                                      size_t payload_bytes, absl::Time deadline,
-                                     bool* exchanged) {
+                                     bool* exchanged, bool inline_skips) {
   h.call = calls_++;
   *exchanged = false;
   switch (options_.check_consistency) {
@@ -1073,7 +1073,9 @@ absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
     case ConsistencyCheck::kFirstUse:
       // A verified signature is locally valid (only successful exchanges
       // are remembered), so `local` is OK whenever this skips.
-      if (local.ok() && !inline_data && IsVerified(h)) return absl::OkStatus();
+      if (local.ok() && (!inline_data || inline_skips) && IsVerified(h)) {
+        return absl::OkStatus();
+      }
       break;
     case ConsistencyCheck::kAlways:
       break;
@@ -1089,7 +1091,8 @@ absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
   }
   RETURN_IF_ERROR(agreed);
   if (options_.check_consistency == ConsistencyCheck::kFirstUse &&
-      !inline_data && h.kind != static_cast<int64_t>(OpKind::kBarrier)) {
+      (!inline_data || inline_skips) &&
+      h.kind != static_cast<int64_t>(OpKind::kBarrier)) {
     RememberVerified(h);
   }
   return absl::OkStatus();
@@ -1112,14 +1115,13 @@ absl::Status GlooCommunicator::Diagnose(const Envelope& h,
   const std::string mine = Describe(h);
   const std::string prefix = absl::StrCat("gloo/diag/", h.call, "/");
   if (!store_->Set(absl::StrCat(prefix, rank_), mine).ok()) return broken_;
-  // A peer that timed out too has posted, or will post within moments; one
-  // whose connection dropped (`error` kUnavailable) may have posted before it
-  // left, or died: look without waiting.
-  const absl::Duration wait =
-      error.code() == absl::StatusCode::kUnavailable
-          ? absl::ZeroDuration()
-          : std::min(timeout_, kMaxDiagnosisWait);
-  const absl::Time until = absl::Now() + wait;
+  // A peer that timed out too has posted, or will post within moments. A
+  // lost connection (`error` kUnavailable) is often a peer that timed out
+  // first: Gloo closes every connection of a rank whose wait times out, and
+  // that peer posts right after. A dead peer never posts; the wait is
+  // bounded.
+  const absl::Time until =
+      absl::Now() + std::min(timeout_, kMaxDiagnosisWait);
   std::vector<std::pair<std::string, std::vector<int>>> groups = {{mine, {rank_}}};
   std::vector<int> missing;
   for (int r = 0; r < size_; ++r) {
@@ -1283,9 +1285,12 @@ absl::Status GlooCommunicator::BroadcastLocked(Tensor& t, int root) {
   const bool send_payload = inline_data && rank_ == root;
   Envelope h = MakeHeader(OpKind::kBroadcast, &t, -1, root);
   bool exchanged = false;
+  // Gloo's broadcast of a small message is faster than the envelope
+  // all-gather, so verified small broadcasts skip it too.
   RETURN_IF_ERROR(Agree(h, local, inline_data,
                         send_payload ? t.raw_data() : nullptr,
-                        send_payload ? nbytes : 0, deadline, &exchanged));
+                        send_payload ? nbytes : 0, deadline, &exchanged,
+                        /*inline_skips=*/true));
   if (t.numel() == 0) return absl::OkStatus();
   if (exchanged && inline_data) {
     if (rank_ != root) std::memcpy(t.raw_data(), PeerPayload(root), nbytes);
@@ -1355,11 +1360,20 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
 absl::Status GlooCommunicator::ReduceScatter(const Tensor& in, Tensor& out,
                                              ReduceOp op) {
   absl::MutexLock lock(&mu_);
-  return ReduceScatterLocked(in, out, op);
+  return ReduceScatterLocked(in, out, op, /*work=*/nullptr);
+}
+
+absl::Status GlooCommunicator::ReduceScatterOverwritingInput(Tensor& in,
+                                                             Tensor& out,
+                                                             ReduceOp op) {
+  absl::MutexLock lock(&mu_);
+  return ReduceScatterLocked(in, out, op,
+                             in.defined() ? in.raw_data() : nullptr);
 }
 
 absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
-                                                   Tensor& out, ReduceOp op) {
+                                                   Tensor& out, ReduceOp op,
+                                                   void* work) {
   RETURN_IF_ERROR(CheckUsable("ReduceScatter"));
   const absl::Time deadline = absl::Now() + timeout_;
   absl::Status local = ValidateTensor(in, "ReduceScatter", "in");
@@ -1386,18 +1400,22 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
     if (op == ReduceOp::kAvg) DivideBySize(out, size_);
     return absl::OkStatus();
   }
-  // Gloo's reduce-scatter works in place on its input: reduce a copy, in a
-  // buffer kept between calls (8-byte words keep every dtype aligned).
-  const size_t words = (in_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
-  if (scratch_.size() < words) {
-    scratch_ = std::vector<uint64_t>();  // free the old one before growing
-    scratch_.resize(words);
+  // Gloo's reduce-scatter works in place on its input: unless the caller
+  // lets it overwrite `in`, reduce a copy, in a buffer kept between calls
+  // (8-byte words keep every dtype aligned).
+  if (work == nullptr) {
+    const size_t words = (in_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
+    if (scratch_.size() < words) {
+      scratch_ = std::vector<uint64_t>();  // free the old one before growing
+      scratch_.resize(words);
+    }
+    std::memcpy(scratch_.data(), in.raw_data(), in_bytes);
+    work = scratch_.data();
   }
-  std::memcpy(scratch_.data(), in.raw_data(), in_bytes);
   RETURN_IF_ERROR(GuardedData(h, [&] {
     DispatchGlooType(in.dtype(), [&](auto tag) {
       using G = decltype(tag);
-      G* ptr = reinterpret_cast<G*>(scratch_.data());
+      G* ptr = static_cast<G*>(work);
       if (in_bytes <= static_cast<size_t>(INT_MAX)) {
         // ReduceScatterHalvingDoubling counts elements and bytes in int.
         std::vector<int> counts(size_, static_cast<int>(out.numel()));
@@ -1405,7 +1423,8 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
             context_, std::vector<G*>{ptr}, static_cast<int>(in.numel()),
             counts, TypedReduce<G>(op));
         algorithm.RunAndWaitForSends();
-        std::memcpy(out.raw_data(), ptr, chunk_bytes);
+        // memmove: `out` may be a view of an overwritable `in`.
+        std::memmove(out.raw_data(), ptr, chunk_bytes);
       } else {
         // Beyond 2 GiB: all-reduce the copy and keep this rank's chunk.
         gloo::AllreduceOptions opts(context_);
@@ -1414,9 +1433,9 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
         opts.setTag(DataTag(h));
         opts.setTimeout(Remaining(deadline));
         gloo::allreduce(opts);
-        std::memcpy(out.raw_data(),
-                    reinterpret_cast<const char*>(ptr) + rank_ * chunk_bytes,
-                    chunk_bytes);
+        std::memmove(out.raw_data(),
+                     reinterpret_cast<const char*>(ptr) + rank_ * chunk_bytes,
+                     chunk_bytes);
       }
     });
   }));

@@ -31,12 +31,13 @@
 // reduction over the ranks' inputs in rank order; AllGather, Broadcast:
 // copies), so small collectives take a single all-gather. The three modes:
 //
-//   kFirstUse (default, "first_use")  the envelope is exchanged for messages
-//       of at most kGlooInlineBytes (it carries them), for Barrier, and for
-//       the first call of each signature (collective, dtype, shape, root,
-//       reduce op) above that size. Once every rank has agreed on a
-//       signature, later calls with it send only the data: no extra round
-//       trip (the last 64 signatures of AllReduce/AllGather/Broadcast and
+//   kFirstUse (default, "first_use")  the envelope is exchanged for
+//       AllReduce, AllGather and ReduceScatter messages of at most
+//       kGlooInlineBytes (it carries them, faster than Gloo's own algorithm),
+//       for Barrier, and for the first call of each signature (collective,
+//       dtype, shape, root, reduce op) otherwise. Once every rank has agreed
+//       on a signature, later calls with it send only the data: no extra
+//       round trip (the last 64 signatures of AllReduce/AllGather/Broadcast and
 //       the last one of ReduceScatter are remembered; every rank remembers
 //       the same ones because they are learnt from the same exchanges).
 //   kAlways ("always", "true", "1")   every call exchanges the envelope
@@ -52,8 +53,9 @@
 // every rank of a usable group shares. A call that disagrees with a peer
 // after skipping therefore waits instead of crashing: when any collective
 // times out, each rank posts its call to the store (under "gloo/diag/") and
-// reads its peers' (waiting at most min(timeout, 3 s); after a lost
-// connection it only looks); ranks that called something else turn the error
+// reads its peers' (waiting at most min(timeout, 3 s); also after a lost
+// connection, since Gloo closes every connection of a rank whose wait timed
+// out); ranks that called something else turn the error
 // into kInvalidArgument naming them, ranks that never reached the call are
 // named in the kDeadlineExceeded. Such a
 // mismatch is found only after the timeout and leaves the group unusable;
@@ -185,6 +187,9 @@ class GlooCommunicator final : public Communicator {
   absl::Status AllGather(const Tensor& in, Tensor& out) override;
   absl::Status ReduceScatter(const Tensor& in, Tensor& out,
                              ReduceOp op = ReduceOp::kSum) override;
+  // Reduces in `in` itself (Gloo's algorithm works in place): no copy.
+  absl::Status ReduceScatterOverwritingInput(
+      Tensor& in, Tensor& out, ReduceOp op = ReduceOp::kSum) override;
   absl::Status Barrier() override;
   // A rank may not send to or receive from itself (kInvalidArgument).
   absl::Status Send(const Tensor& t, int dst) override;
@@ -229,10 +234,12 @@ class GlooCommunicator final : public Communicator {
   // exchanges it if so. `inline_data`: the call completes from the envelope
   // (`payload` holds this rank's `payload_bytes`). On return *exchanged says
   // whether the peers' envelopes (PeerPayload) are valid. Returns `local`
-  // when no exchange takes place.
+  // when no exchange takes place. `inline_skips`: a verified call skips the
+  // envelope even when it would fit in it (Broadcast).
   absl::Status Agree(Envelope& h, const absl::Status& local, bool inline_data,
                      const void* payload, size_t payload_bytes,
-                     absl::Time deadline, bool* exchanged)
+                     absl::Time deadline, bool* exchanged,
+                     bool inline_skips = false)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IsVerified(const Envelope& h) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RememberVerified(const Envelope& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -258,7 +265,10 @@ class GlooCommunicator final : public Communicator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status AllGatherLocked(const Tensor& in, Tensor& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status ReduceScatterLocked(const Tensor& in, Tensor& out, ReduceOp op)
+  // `work`: the buffer Gloo reduces in (in.raw_data() when the input may be
+  // overwritten), or null for this object's scratch copy of `in`.
+  absl::Status ReduceScatterLocked(const Tensor& in, Tensor& out, ReduceOp op,
+                                   void* work)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SendLocked(const Tensor& t, int dst)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -51,9 +51,9 @@ absl::Status ExpectExchanges(Communicator& comm, int64_t expected,
   auto* gloo = dynamic_cast<GlooCommunicator*>(&comm);
   if (gloo == nullptr) return absl::InternalError("not a GlooCommunicator");
   if (gloo->envelope_exchanges() != expected) {
-    return absl::InternalError(absl::StrCat(
-        "after ", after, ": ", gloo->envelope_exchanges(),
-        " envelope exchanges, expected ", expected));
+    return absl::InternalError(
+        absl::StrCat("after ", after, ": ", gloo->envelope_exchanges(),
+                     " envelope exchanges, expected ", expected));
   }
   return absl::OkStatus();
 }
@@ -78,7 +78,8 @@ absl::Status RunSequence(int rank, int world, Communicator& c,
     Tensor t = ReduceInput(op, DType::kFloat32, rank, n);
     RETURN_IF_ERROR(c.AllReduce(t, op));
     step(is_new);
-    RETURN_IF_ERROR(CheckValues(t, ExpectedReduce(op, DType::kFloat32, world, n),
+    RETURN_IF_ERROR(CheckValues(t,
+                                ExpectedReduce(op, DType::kFloat32, world, n),
                                 absl::StrCat("AllReduce of ", n)));
     return ExpectExchanges(c, expected, absl::StrCat("AllReduce of ", n));
   };
@@ -92,12 +93,14 @@ absl::Status RunSequence(int rank, int world, Communicator& c,
   RETURN_IF_ERROR(all_reduce(4, ReduceOp::kSum, true));
 
   auto reduce_scatter = [&](int64_t n, bool is_new) -> absl::Status {
-    const Tensor in = ReduceInput(ReduceOp::kSum, DType::kFloat32, rank, world * n);
+    const Tensor in =
+        ReduceInput(ReduceOp::kSum, DType::kFloat32, rank, world * n);
     Tensor out = Tensor::Zeros({n}, DType::kFloat32);
     RETURN_IF_ERROR(c.ReduceScatter(in, out));
     step(is_new);
     RETURN_IF_ERROR(CheckValues(
-        out, ExpectedReduce(ReduceOp::kSum, DType::kFloat32, world, n, rank * n),
+        out,
+        ExpectedReduce(ReduceOp::kSum, DType::kFloat32, world, n, rank * n),
         absl::StrCat("ReduceScatter of ", n)));
     return ExpectExchanges(c, expected, absl::StrCat("ReduceScatter of ", n));
   };
@@ -122,18 +125,21 @@ absl::Status RunSequence(int rank, int world, Communicator& c,
   RETURN_IF_ERROR(all_gather(kBig, true));
   RETURN_IF_ERROR(all_gather(kBig, false));
 
-  auto broadcast = [&](int root, bool is_new) -> absl::Status {
-    Tensor t = PatternInput(DType::kFloat32, rank, {kBig});
+  auto broadcast = [&](int root, int64_t n, bool is_new) -> absl::Status {
+    Tensor t = PatternInput(DType::kFloat32, rank, {n});
     RETURN_IF_ERROR(c.Broadcast(t, root));
     step(is_new);
-    RETURN_IF_ERROR(CheckValues(t, ExpectedPattern(DType::kFloat32, root, kBig),
+    RETURN_IF_ERROR(CheckValues(t, ExpectedPattern(DType::kFloat32, root, n),
                                 absl::StrCat("Broadcast from ", root)));
     return ExpectExchanges(c, expected, absl::StrCat("Broadcast from ", root));
   };
-  RETURN_IF_ERROR(broadcast(0, true));
-  RETURN_IF_ERROR(broadcast(0, false));
-  RETURN_IF_ERROR(broadcast(world - 1, world > 1));
-  RETURN_IF_ERROR(broadcast(0, false));
+  RETURN_IF_ERROR(broadcast(0, kBig, true));
+  RETURN_IF_ERROR(broadcast(0, kBig, false));
+  RETURN_IF_ERROR(broadcast(world - 1, kBig, world > 1));
+  RETURN_IF_ERROR(broadcast(0, kBig, false));
+  // A small broadcast is carried by its first envelope, then sent by Gloo.
+  RETURN_IF_ERROR(broadcast(0, 3, true));
+  RETURN_IF_ERROR(broadcast(0, 3, false));
 
   RETURN_IF_ERROR(c.Barrier());
   step(true);  // a checked Barrier is the envelope all-gather itself
@@ -200,21 +206,23 @@ void ExpectLateMismatch(int world, ConsistencyCheck mode, Setup setup,
         const absl::Time start = absl::Now();
         const absl::Status s = rank == 1 ? odd(*comm) : even(*comm);
         const absl::Duration took = absl::Now() - start;
-        RETURN_IF_ERROR(ExpectCode(s, absl::StatusCode::kInvalidArgument, snippets));
+        RETURN_IF_ERROR(
+            ExpectCode(s, absl::StatusCode::kInvalidArgument, snippets));
         if (took < timeout - absl::Milliseconds(100) ||
             took > timeout + absl::Seconds(3)) {
-          return absl::InternalError(
-              absl::StrCat("rank ", rank, " failed after ",
-                           absl::FormatDuration(took)));
+          return absl::InternalError(absl::StrCat(
+              "rank ", rank, " failed after ", absl::FormatDuration(took)));
         }
-        return ExpectCode(comm->Barrier(), absl::StatusCode::kFailedPrecondition,
+        return ExpectCode(comm->Barrier(),
+                          absl::StatusCode::kFailedPrecondition,
                           {"unusable", "disagree"});
       }));
   EXPECT_TRUE(status.ok()) << ConsistencyCheckName(mode) << ", world " << world
                            << ": " << status;
 }
 
-absl::Status AllReduceOf(Communicator& c, int64_t n, DType dtype = DType::kFloat32) {
+absl::Status AllReduceOf(Communicator& c, int64_t n,
+                         DType dtype = DType::kFloat32) {
   Tensor t = Tensor::Zeros({n}, dtype);
   return c.AllReduce(t);
 }
@@ -275,19 +283,20 @@ TEST(GlooConsistencyTest, AllGatherAndBroadcastDisagreeAfterVerification) {
       [&](Communicator& c) { return gather(c, kBig); },
       [&](Communicator& c) { return gather(c, kBig * 2); },
       {"AllGather", "[5000]", "[10000]", "ranks 0, 2"});
-  auto broadcast = [](Communicator& c, int root) {
-    Tensor t = Tensor::Zeros({kBig}, DType::kFloat32);
-    return c.Broadcast(t, root);
-  };
-  ExpectLateMismatch(
-      2, ConsistencyCheck::kFirstUse,
-      [&](Communicator& c) -> absl::Status {
-        RETURN_IF_ERROR(broadcast(c, 0));
-        return broadcast(c, 1);
-      },
-      [&](Communicator& c) { return broadcast(c, 0); },
-      [&](Communicator& c) { return broadcast(c, 1); },
-      {"root 0", "root 1"});
+  for (int64_t n : {int64_t{3}, kBig}) {  // small broadcasts skip too
+    auto broadcast = [n](Communicator& c, int root) {
+      Tensor t = Tensor::Zeros({n}, DType::kFloat32);
+      return c.Broadcast(t, root);
+    };
+    ExpectLateMismatch(
+        2, ConsistencyCheck::kFirstUse,
+        [&](Communicator& c) -> absl::Status {
+          RETURN_IF_ERROR(broadcast(c, 0));
+          return broadcast(c, 1);
+        },
+        [&](Communicator& c) { return broadcast(c, 0); },
+        [&](Communicator& c) { return broadcast(c, 1); }, {"root 0", "root 1"});
+  }
 }
 
 TEST(GlooConsistencyTest, ReduceScatterDisagreesAfterVerification) {
