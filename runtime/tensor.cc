@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <utility>
 
 #include <algorithm>
@@ -211,9 +212,14 @@ absl::StatusOr<Tensor> Tensor::Narrow(int dim, int64_t start,
                      ShapeToString(shape_)));
   }
   if (start < 0 || length < 0 || start > shape_[d] - length) {
+    // The end is printed as a sum where `start + length` would overflow.
+    int64_t end_value = 0;
+    const std::string end = __builtin_add_overflow(start, length, &end_value)
+                                ? absl::StrCat(start, " + ", length)
+                                : absl::StrCat(end_value);
     return absl::InvalidArgumentError(absl::StrCat(
-        "Tensor::Narrow: [", start, ", ", start + length, ") out of range for dim ",
-        d, " of shape ", ShapeToString(shape_)));
+        "Tensor::Narrow: [", start, ", ", end, ") out of range for dim ", d,
+        " of shape ", ShapeToString(shape_)));
   }
   Tensor view = *this;
   view.shape_[d] = length;

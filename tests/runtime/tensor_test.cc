@@ -196,6 +196,15 @@ TEST(TensorTest, NarrowRejectsRangesThatWouldOverflow) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(x.Narrow(0, 2, big).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // The message names the range without overflowing start + length
+  // (--config=asan's UBSan checks that).
+  const std::string b = std::to_string(big);
+  EXPECT_EQ(std::string(x.Narrow(0, big, 2).status().message()),
+            "Tensor::Narrow: [" + b + ", " + b +
+                " + 2) out of range for dim 0 of shape [4]");
+  const int64_t small = std::numeric_limits<int64_t>::min();
+  EXPECT_EQ(x.Narrow(0, small, -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
