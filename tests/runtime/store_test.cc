@@ -129,6 +129,25 @@ absl::Duration Timed(F&& f) {
   return absl::Now() - start;
 }
 
+// An upper bound on wall time ("returns within timeout + 100 ms") is a
+// property of the implementation, but one measurement of it on a loaded
+// 2-core machine also counts every time the thread was not scheduled (a 50 ms
+// Get took 173 ms under load). So `f` runs until one run takes less than
+// `bound`, at most kTimingAttempts times, and the fastest time is returned: an
+// implementation that overshoots the bound by design (a coarse poll, a missed
+// wake-up) overshoots every run and still fails, one descheduling does not.
+// Every run took at least the returned time, so a lower bound asserted on it
+// holds for every run.
+constexpr int kTimingAttempts = 5;
+template <typename F>
+absl::Duration FastestTimed(absl::Duration bound, F&& f) {
+  absl::Duration fastest = absl::InfiniteDuration();
+  for (int i = 0; i < kTimingAttempts && fastest >= bound; ++i) {
+    fastest = std::min(fastest, Timed(f));
+  }
+  return fastest;
+}
+
 TYPED_TEST(StoreTest, SetThenGetReturnsTheLatestValue) {
   Store& s = this->store();
   ASSERT_TRUE(s.Set("k", "first").ok());
@@ -166,17 +185,20 @@ TYPED_TEST(StoreTest, KeysWithAnyBytesStayDistinct) {
 
 TYPED_TEST(StoreTest, GetWaitsForASetFromAnotherRank) {
   std::shared_ptr<Store> other = this->impl_.NewClient();
+  // Timed from before the setter starts: the Set happens >= 150 ms later
+  // whatever the scheduling, so a Get that returns before it fails the bound.
+  const absl::Time start = absl::Now();
   std::thread setter([&] {
     absl::SleepFor(absl::Milliseconds(150));
     EXPECT_TRUE(other->Set("late", "here").ok());
   });
-  absl::StatusOr<std::string> value;
-  const absl::Duration took =
-      Timed([&] { value = this->store().Get("late", absl::Seconds(20)); });
+  absl::StatusOr<std::string> value =
+      this->store().Get("late", absl::Seconds(20));
+  const absl::Duration took = absl::Now() - start;
   setter.join();
   ASSERT_TRUE(value.ok()) << value.status();
   EXPECT_EQ(*value, "here");
-  EXPECT_GE(took, absl::Milliseconds(140));
+  EXPECT_GE(took, absl::Milliseconds(150));
   EXPECT_LT(took, absl::Seconds(5));
 }
 
@@ -184,8 +206,9 @@ TYPED_TEST(StoreTest, GetOfAMissingKeyTimesOutOnTime) {
   for (absl::Duration timeout :
        {absl::Milliseconds(50), absl::Milliseconds(300)}) {
     absl::StatusOr<std::string> value;
-    const absl::Duration took =
-        Timed([&] { value = this->store().Get("missing", timeout); });
+    const absl::Duration took = FastestTimed(timeout + kSlack, [&] {
+      value = this->store().Get("missing", timeout);
+    });
     EXPECT_EQ(value.status().code(), absl::StatusCode::kDeadlineExceeded)
         << value.status();
     EXPECT_THAT(std::string(value.status().message()), HasSubstr("missing"));
@@ -198,12 +221,14 @@ TYPED_TEST(StoreTest, DefaultTimeoutBoundsTheOverloadsWithoutOne) {
   Store& s = this->store();
   s.set_default_timeout(absl::Milliseconds(200));
   absl::StatusOr<std::string> value;
-  absl::Duration took = Timed([&] { value = s.Get("missing"); });
+  absl::Duration took = FastestTimed(absl::Milliseconds(200) + kSlack,
+                                     [&] { value = s.Get("missing"); });
   EXPECT_EQ(value.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(took, absl::Milliseconds(200));
   EXPECT_LT(took, absl::Milliseconds(200) + kSlack);
   absl::Status wait;
-  took = Timed([&] { wait = s.Wait({"missing"}); });
+  took = FastestTimed(absl::Milliseconds(200) + kSlack,
+                      [&] { wait = s.Wait({"missing"}); });
   EXPECT_EQ(wait.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(took, absl::Milliseconds(200));
   EXPECT_LT(took, absl::Milliseconds(200) + kSlack);
@@ -212,8 +237,8 @@ TYPED_TEST(StoreTest, DefaultTimeoutBoundsTheOverloadsWithoutOne) {
 TYPED_TEST(StoreTest, ZeroTimeoutChecksOnce) {
   Store& s = this->store();
   absl::StatusOr<std::string> value;
-  const absl::Duration took =
-      Timed([&] { value = s.Get("absent", absl::ZeroDuration()); });
+  const absl::Duration took = FastestTimed(
+      kSlack, [&] { value = s.Get("absent", absl::ZeroDuration()); });
   EXPECT_EQ(value.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_LT(took, kSlack);
   ASSERT_TRUE(s.Set("present", "1").ok());
@@ -251,10 +276,11 @@ TYPED_TEST(StoreTest, WaitListsExactlyTheMissingKeys) {
   Store& s = this->store();
   ASSERT_TRUE(s.Set("present_key", "1").ok());
   absl::Status status;
-  const absl::Duration took = Timed([&] {
-    status = s.Wait({"present_key", "missing_one", "missing_two"},
-                    absl::Milliseconds(200));
-  });
+  const absl::Duration took =
+      FastestTimed(absl::Milliseconds(200) + kSlack, [&] {
+        status = s.Wait({"present_key", "missing_one", "missing_two"},
+                        absl::Milliseconds(200));
+      });
   EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded) << status;
   EXPECT_THAT(std::string(status.message()),
               AllOf(HasSubstr("missing_one"), HasSubstr("missing_two"),
@@ -265,6 +291,9 @@ TYPED_TEST(StoreTest, WaitListsExactlyTheMissingKeys) {
 }
 
 TYPED_TEST(StoreTest, WaitReturnsOnceEveryKeyIsSet) {
+  // Timed from before the setters start: the last Set happens >= 120 ms
+  // later whatever the scheduling.
+  const absl::Time start = absl::Now();
   std::vector<std::thread> setters;
   for (int i = 0; i < 3; ++i) {
     setters.emplace_back([this, i] {
@@ -273,13 +302,12 @@ TYPED_TEST(StoreTest, WaitReturnsOnceEveryKeyIsSet) {
       EXPECT_TRUE(client->Set(absl::StrCat("w", i), "x").ok());
     });
   }
-  absl::Status status;
-  const absl::Duration took = Timed([&] {
-    status = this->store().Wait({"w0", "w1", "w2"}, absl::Seconds(20));
-  });
+  const absl::Status status =
+      this->store().Wait({"w0", "w1", "w2"}, absl::Seconds(20));
+  const absl::Duration took = absl::Now() - start;
   for (std::thread& t : setters) t.join();
   EXPECT_TRUE(status.ok()) << status;
-  EXPECT_GE(took, absl::Milliseconds(110));
+  EXPECT_GE(took, absl::Milliseconds(120));
   EXPECT_TRUE(*this->store().Check({"w0", "w1", "w2"}));
 }
 
@@ -544,7 +572,9 @@ TEST(TcpStoreTest, ClientGivesUpConnectingAfterConnectTimeout) {
   options.port = UnusedPort();
   options.connect_timeout = absl::Milliseconds(300);
   absl::StatusOr<std::unique_ptr<TcpStore>> s;
-  const absl::Duration took = Timed([&] { s = TcpStore::Create(options); });
+  const absl::Duration took =
+      FastestTimed(absl::Milliseconds(300) + absl::Milliseconds(500),
+                   [&] { s = TcpStore::Create(options); });
   EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
   EXPECT_THAT(std::string(s.status().message()),
               HasSubstr(absl::StrCat(options.port)));
