@@ -4,7 +4,12 @@
 //             and a line on stderr
 //   fail      rank --fail_rank exits with --fail_code after 100 ms (a negative
 //             code: kills itself with that signal); the others sleep
-//             --sleep_s and print "survived"
+//             --sleep_s and print "survived". With --ready_dir, every other
+//             rank creates <ready_dir>/ready.<rank> once it printed "ready"
+//             (and, for ignore_term, ignores SIGTERM), and the failing rank
+//             first waits (up to 30 s) for all of those files, so that its
+//             failure cannot overtake a rank that is still starting up on a
+//             loaded machine
 //   ignore_term  like fail, but every rank ignores SIGTERM first
 //   sigwait   prints "ready", waits for SIGINT/SIGTERM, prints "got signal N",
 //             exits 0
@@ -12,6 +17,7 @@
 //             then one line of 70000 'x'
 //   discover  prints DiscoverLaunchEnv()'s result
 // It also supports --nproc through MaybeRelaunchSelf, like every example.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -32,6 +38,8 @@ ABSL_FLAG(std::string, mode, "env", "what to do");
 ABSL_FLAG(int, fail_rank, -1, "rank that fails (fail / ignore_term)");
 ABSL_FLAG(int, fail_code, 3, "its exit code; negative: die by that signal");
 ABSL_FLAG(int, sleep_s, 60, "how long the other ranks sleep");
+ABSL_FLAG(std::string, ready_dir, "",
+          "if set: the failing rank waits until every other rank is ready");
 
 namespace {
 
@@ -50,11 +58,32 @@ void Flush() {
   std::fflush(stderr);
 }
 
+std::string ReadyFile(int rank) {
+  return absl::StrCat(absl::GetFlag(FLAGS_ready_dir), "/ready.", rank);
+}
+
+// Waits (bounded) until every rank but `rank` has created its ready file.
+void WaitForTheOtherRanks(int rank) {
+  const int world = std::atoi(Var("WORLD_SIZE").c_str());
+  for (int tries = 0; tries < 3000; ++tries) {  // 3000 x 10 ms = 30 s
+    int ready = 0;
+    for (int r = 0; r < world; ++r) {
+      ready += r != rank && access(ReadyFile(r).c_str(), F_OK) == 0 ? 1 : 0;
+    }
+    if (ready == world - 1) return;
+    usleep(10 * 1000);
+  }
+  std::fprintf(stderr, "launch_child: rank %d gave up waiting for the others\n",
+               rank);
+}
+
 int FailOrSleep() {
   const int rank = Rank();
   std::printf("ready %d\n", rank);
   Flush();
+  const bool sync = !absl::GetFlag(FLAGS_ready_dir).empty();
   if (rank == absl::GetFlag(FLAGS_fail_rank)) {
+    if (sync) WaitForTheOtherRanks(rank);
     usleep(100 * 1000);
     const int code = absl::GetFlag(FLAGS_fail_code);
     if (code < 0) {
@@ -62,6 +91,10 @@ int FailOrSleep() {
       raise(-code);
     }
     std::exit(code);
+  }
+  if (sync) {
+    const int fd = open(ReadyFile(rank).c_str(), O_WRONLY | O_CREAT, 0644);
+    if (fd >= 0) close(fd);
   }
   // sleep() returns early on a caught signal; loop on the remaining time.
   unsigned left = static_cast<unsigned>(absl::GetFlag(FLAGS_sleep_s));

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -208,9 +209,20 @@ TEST(LaunchTest, SecondNodeRanksAndFixedMaster) {
   }
 }
 
+// A fresh directory for launch_child's --ready_dir: the failing rank waits
+// until every other rank has started (on a loaded machine a rank can take
+// longer than the failing rank's 100 ms to start, and would then be stopped
+// before it printed anything or ignored SIGTERM).
+std::string ReadyDirFlag(const std::string& name) {
+  const std::string dir = absl::StrCat(TestDir(), "/", name, ".ready");
+  EXPECT_TRUE(mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST) << dir;
+  return absl::StrCat("--ready_dir=", dir);
+}
+
 TEST(LaunchTest, FailingRankStopsTheOthersWithinSeconds) {
-  LaunchOptions o = ChildOptions(
-      4, {"--mode=fail", "--fail_rank=1", "--fail_code=3", "--sleep_s=60"});
+  LaunchOptions o =
+      ChildOptions(4, {"--mode=fail", "--fail_rank=1", "--fail_code=3",
+                       "--sleep_s=60", ReadyDirFlag("fail")});
   Captured c = Launch(o, "fail");
   ASSERT_TRUE(c.code.ok()) << c.code.status();
   EXPECT_EQ(*c.code, 3);
@@ -241,15 +253,17 @@ TEST(LaunchTest, RankKilledBySignalCountsAsFailure) {
 }
 
 TEST(LaunchTest, RanksIgnoringSigtermAreKilledAfterGrace) {
-  LaunchOptions o = ChildOptions(3, {"--mode=ignore_term", "--fail_rank=0",
-                                     "--fail_code=3", "--sleep_s=60"});
+  LaunchOptions o =
+      ChildOptions(3, {"--mode=ignore_term", "--fail_rank=0", "--fail_code=3",
+                       "--sleep_s=60", ReadyDirFlag("grace")});
   o.grace = absl::Milliseconds(700);
   Captured c = Launch(o, "grace");
   ASSERT_TRUE(c.code.ok()) << c.code.status();
   EXPECT_EQ(*c.code, 3);
-  // Rank 0 fails after ~100 ms; the others survive SIGTERM for `grace`.
+  // Rank 0 fails ~100 ms after the others ignore SIGTERM; they survive
+  // SIGTERM for `grace`, then are killed (long before their 60 s sleep ends).
   EXPECT_GE(c.elapsed, absl::Milliseconds(700));
-  EXPECT_LT(c.elapsed, absl::Seconds(3));
+  EXPECT_LT(c.elapsed, absl::Seconds(5));
   std::cout << "[timing] SIGTERM ignored, grace 700ms -> returned after "
             << absl::FormatDuration(c.elapsed) << "\n";
   EXPECT_THAT(c.out, Not(HasSubstr("survived")));
