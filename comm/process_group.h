@@ -65,9 +65,9 @@ struct TensorParallelConfig {
   std::string backend_plugins;
   // Backend-specific options passed to the factory, keyed "<backend>.<key>":
   // "gloo.hostname" / "gloo.iface" (what Gloo binds; env TP_GLOO_HOSTNAME,
-  // TP_GLOO_INTERFACE) and "gloo.check_consistency" ("true" by default: every
-  // collective first checks that all ranks agree on op, dtype and shape, one
-  // extra small round trip above 4 KB; env TP_GLOO_CHECK_CONSISTENCY).
+  // TP_GLOO_INTERFACE) and "gloo.check_consistency" ("first_use" by default,
+  // "always" or "off": when ranks check that they agree on each call, see
+  // backends/gloo/gloo_communicator.h; env TP_GLOO_CHECK_CONSISTENCY).
   std::map<std::string, std::string> backend_options;
   // Explicit rank/world/master values; unset fields are discovered from the
   // launcher's variables (see launch_env.h).
