@@ -4,29 +4,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "layers/attention_core.h"
 #include "runtime/init.h"
 #include "runtime/ops.h"
 #include "runtime/status_macros.h"
 
 namespace tp {
-namespace {
-
-// [b, s, kv, g, d] (any strides) -> contiguous [b, kv, g * s, d].
-absl::StatusOr<Tensor> TokensToHeads(const Tensor& t) {
-  ASSIGN_OR_RETURN(Tensor a, ops::Transpose(t, 1, 2));  // [b, kv, s, g, d]
-  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));         // [b, kv, g, s, d]
-  return a.Reshape({a.dim(0), a.dim(1), a.dim(2) * a.dim(3), a.dim(4)});
-}
-
-// [b, kv, g * s, d] -> contiguous [b, s, kv, g, d].
-absl::StatusOr<Tensor> HeadsToTokens(const Tensor& t, int64_t g) {
-  ASSIGN_OR_RETURN(Tensor a,
-                   t.Reshape({t.dim(0), t.dim(1), g, t.dim(2) / g, t.dim(3)}));
-  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));  // [b, kv, s, g, d]
-  return ops::Transpose(a, 1, 2);                // [b, s, kv, g, d]
-}
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<ParallelSelfAttention>>
 ParallelSelfAttention::Create(Communicator& comm, Options options) {
@@ -139,42 +122,25 @@ absl::StatusOr<Tensor> ParallelSelfAttention::Forward(const Tensor& x,
 
   // From here on the previous Forward's activations are stale.
   has_forward_ = false;
-  q_ = k_ = v_ = p_ = Tensor();
+  saved_ = attention_core::Saved();
   ASSIGN_OR_RETURN(Tensor qkv, qkv_proj_->Forward(x));  // [T, kv (g+2) d]
   ASSIGN_OR_RETURN(qkv, qkv.Reshape({b, s, kv, g + 2, d}));
   ASSIGN_OR_RETURN(Tensor qv, qkv.Narrow(3, 0, g));
   ASSIGN_OR_RETURN(Tensor kview, qkv.Narrow(3, g, 1));
   ASSIGN_OR_RETURN(Tensor vview, qkv.Narrow(3, g + 1, 1));
-  ASSIGN_OR_RETURN(Tensor q, TokensToHeads(qv));  // [b, kv, g s, d]
-  ASSIGN_OR_RETURN(q, ops::Scale(q, 1.0 / std::sqrt(static_cast<double>(d))));
-  ASSIGN_OR_RETURN(Tensor k, TokensToHeads(kview));  // [b, kv, s, d]
-  ASSIGN_OR_RETURN(Tensor v, TokensToHeads(vview));
-
-  Tensor k_all = k, v_all = v;
-  if (cache != nullptr && cache->length() > 0) {
-    ASSIGN_OR_RETURN(k_all, ops::Concat({cache->keys_, k}, 2));
-    ASSIGN_OR_RETURN(v_all, ops::Concat({cache->values_, v}, 2));
-  }
-  const int64_t total = k_all.dim(2);
-  ASSIGN_OR_RETURN(Tensor scores, ops::BatchMatMul(q, k_all, false, true));
-  // [b, kv, g s, S] -> [b, kv, g, s, S]: the causal mask is per (s, S).
-  ASSIGN_OR_RETURN(scores, scores.Reshape({b, kv, g, s, total}));
-  ASSIGN_OR_RETURN(Tensor p, ops::Softmax(scores, /*causal=*/true));
-  ASSIGN_OR_RETURN(p, p.Reshape({b, kv, g * s, total}));
-  ASSIGN_OR_RETURN(Tensor ctx, ops::BatchMatMul(p, v_all));  // [b, kv, g s, d]
-  ASSIGN_OR_RETURN(ctx, HeadsToTokens(ctx, g));              // [b, s, kv, g, d]
-  ASSIGN_OR_RETURN(ctx, ctx.Reshape({b * s, local_heads_ * d}));
-  ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(ctx));
+  const bool past = cache != nullptr && cache->length() > 0;
+  ASSIGN_OR_RETURN(
+      attention_core::ForwardResult r,
+      attention_core::Forward(qv, kview, vview, past ? cache->keys_ : Tensor(),
+                              past ? cache->values_ : Tensor()));
+  ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(r.ctx));
 
   if (cache != nullptr) {
-    cache->keys_ = k_all;
-    cache->values_ = v_all;
+    cache->keys_ = std::move(r.keys);
+    cache->values_ = std::move(r.values);
   } else {
     layout_ = layout;
-    q_ = q;
-    k_ = k;
-    v_ = v;
-    p_ = p;
+    saved_ = std::move(r.saved);
     has_forward_ = true;
   }
   return y;
@@ -191,22 +157,13 @@ absl::StatusOr<Tensor> ParallelSelfAttention::Backward(const Tensor& grad_out) {
   const int64_t b = layout_.batch, s = layout_.seq, d = head_dim_;
   const int64_t kv = local_kv_heads_, g = local_heads_ / local_kv_heads_;
   ASSIGN_OR_RETURN(Tensor dctx, o_proj_->Backward(grad_out));  // [T, h d]
-  ASSIGN_OR_RETURN(dctx, dctx.Reshape({b, s, kv, g, d}));
-  ASSIGN_OR_RETURN(dctx, TokensToHeads(dctx));  // [b, kv, g s, d]
-  ASSIGN_OR_RETURN(Tensor dp, ops::BatchMatMul(dctx, v_, false, true));
-  ASSIGN_OR_RETURN(Tensor dv, ops::BatchMatMul(p_, dctx, true, false));
-  ASSIGN_OR_RETURN(Tensor ds, ops::SoftmaxBackward(dp, p_));
-  ASSIGN_OR_RETURN(Tensor dq, ops::BatchMatMul(ds, k_));
-  ASSIGN_OR_RETURN(dq, ops::Scale(dq, 1.0 / std::sqrt(static_cast<double>(d))));
-  ASSIGN_OR_RETURN(Tensor dk, ops::BatchMatMul(ds, q_, true, false));
-  ASSIGN_OR_RETURN(dq, HeadsToTokens(dq, g));  // [b, s, kv, g, d]
-  ASSIGN_OR_RETURN(dk, HeadsToTokens(dk, 1));  // [b, s, kv, 1, d]
-  ASSIGN_OR_RETURN(dv, HeadsToTokens(dv, 1));
-  ASSIGN_OR_RETURN(Tensor dqkv, ops::Concat({dq, dk, dv}, 3));
+  ASSIGN_OR_RETURN(attention_core::Grads grads,
+                   attention_core::Backward(dctx, saved_));
+  ASSIGN_OR_RETURN(Tensor dqkv, ops::Concat({grads.dq, grads.dk, grads.dv}, 3));
   ASSIGN_OR_RETURN(dqkv, dqkv.Reshape({b * s, kv * (g + 2) * d}));
   ASSIGN_OR_RETURN(Tensor dx, qkv_proj_->Backward(dqkv));
   has_forward_ = false;
-  q_ = k_ = v_ = p_ = Tensor();
+  saved_ = attention_core::Saved();
   return dx;
 }
 

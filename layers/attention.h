@@ -85,6 +85,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
+#include "layers/attention_core.h"
 #include "layers/linear.h"
 #include "layers/parameter.h"
 #include "runtime/dtype.h"
@@ -192,10 +193,7 @@ class ParallelSelfAttention {
   std::unique_ptr<RowParallelLinear> o_proj_;
   // Saved by an uncached Forward for Backward.
   TokenLayout layout_;
-  Tensor q_;  // [batch, kv, g * seq, head_dim], already scaled
-  Tensor k_;  // [batch, kv, seq, head_dim]
-  Tensor v_;  // [batch, kv, seq, head_dim]
-  Tensor p_;  // [batch, kv, g * seq, seq] attention probabilities
+  attention_core::Saved saved_;
   bool has_forward_ = false;
 };
 

@@ -73,23 +73,6 @@ absl::StatusOr<Tensor> ApplyRope(const Tensor& t, int64_t s, int64_t d,
   return work;
 }
 
-// ---- Head layouts (as layers/attention.cc) ----------------------------------
-
-// [b, s, kv, g, d] -> contiguous [b, kv, g * s, d].
-absl::StatusOr<Tensor> TokensToHeads(const Tensor& t) {
-  ASSIGN_OR_RETURN(Tensor a, ops::Transpose(t, 1, 2));  // [b, kv, s, g, d]
-  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));         // [b, kv, g, s, d]
-  return a.Reshape({a.dim(0), a.dim(1), a.dim(2) * a.dim(3), a.dim(4)});
-}
-
-// [b, kv, g * s, d] -> contiguous [b, s, kv, g, d].
-absl::StatusOr<Tensor> HeadsToTokens(const Tensor& t, int64_t g) {
-  ASSIGN_OR_RETURN(Tensor a,
-                   t.Reshape({t.dim(0), t.dim(1), g, t.dim(2) / g, t.dim(3)}));
-  ASSIGN_OR_RETURN(a, ops::Transpose(a, 2, 3));  // [b, kv, s, g, d]
-  return ops::Transpose(a, 1, 2);                // [b, s, kv, g, d]
-}
-
 // ---- Children
 // ----------------------------------------------------------------
 
@@ -426,7 +409,7 @@ absl::StatusOr<Tensor> Attention::Forward(const Tensor& x,
 
   // From here on the previous Forward's activations are stale.
   has_forward_ = false;
-  q_ = k_ = v_ = p_ = Tensor();
+  saved_ = attention_core::Saved();
   ASSIGN_OR_RETURN(Tensor q, q_proj->Forward(x));  // [T, local heads * d]
   ASSIGN_OR_RETURN(Tensor k, k_proj->Forward(x));  // [T, local kv * d]
   ASSIGN_OR_RETURN(Tensor v, v_proj->Forward(x));
@@ -455,40 +438,23 @@ absl::StatusOr<Tensor> Attention::Forward(const Tensor& x,
     ASSIGN_OR_RETURN(k, ApplyRope(k, s, d, past, cos_, sin_, false));
   }
   ASSIGN_OR_RETURN(q, q.Reshape({b, s, lkv, g, d}));
-  ASSIGN_OR_RETURN(q, TokensToHeads(q));  // [b, lkv, g s, d]
-  ASSIGN_OR_RETURN(q, ops::Scale(q, 1.0 / std::sqrt(static_cast<double>(d))));
   ASSIGN_OR_RETURN(k, k.Reshape({b, s, lkv, 1, d}));
-  ASSIGN_OR_RETURN(k, TokensToHeads(k));  // [b, lkv, s, d]
   ASSIGN_OR_RETURN(v, v.Reshape({b, s, lkv, 1, d}));
-  ASSIGN_OR_RETURN(v, TokensToHeads(v));
-
-  Tensor k_all = k, v_all = v;
-  if (cache != nullptr && past > 0) {
-    ASSIGN_OR_RETURN(k_all, ops::Concat({cache->keys_, k}, 2));
-    ASSIGN_OR_RETURN(v_all, ops::Concat({cache->values_, v}, 2));
-  }
-  const int64_t total = k_all.dim(2);
-  ASSIGN_OR_RETURN(Tensor scores, ops::BatchMatMul(q, k_all, false, true));
-  // [b, lkv, g s, S] -> [b, lkv, g, s, S]: the causal mask is per (s, S).
-  ASSIGN_OR_RETURN(scores, scores.Reshape({b, lkv, g, s, total}));
-  ASSIGN_OR_RETURN(Tensor p, ops::Softmax(scores, /*causal=*/true));
-  ASSIGN_OR_RETURN(p, p.Reshape({b, lkv, g * s, total}));
-  ASSIGN_OR_RETURN(Tensor ctx, ops::BatchMatMul(p, v_all));  // [b, lkv, g s, d]
-  ASSIGN_OR_RETURN(ctx, HeadsToTokens(ctx, g));  // [b, s, lkv, g, d]
-  ASSIGN_OR_RETURN(ctx, ctx.Reshape({b * s, lh * d}));
-  ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(ctx));
+  const bool has_past = cache != nullptr && past > 0;
+  ASSIGN_OR_RETURN(
+      attention_core::ForwardResult r,
+      attention_core::Forward(q, k, v, has_past ? cache->keys_ : Tensor(),
+                              has_past ? cache->values_ : Tensor()));
+  ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
 
   if (cache != nullptr) {
-    cache->keys_ = k_all;
-    cache->values_ = v_all;
+    cache->keys_ = std::move(r.keys);
+    cache->values_ = std::move(r.values);
   } else {
     layout_ = layout;
     local_heads_ = lh;
     local_kv_ = lkv;
-    q_ = q;
-    k_ = k;
-    v_ = v;
-    p_ = p;
+    saved_ = std::move(r.saved);
     has_forward_ = true;
   }
   return y;
@@ -507,21 +473,14 @@ absl::StatusOr<Tensor> Attention::Backward(const Tensor& grad_out) {
   ASSIGN_OR_RETURN(Module * v_proj, Child(*this, "v_proj"));
   ASSIGN_OR_RETURN(Module * o_proj, Child(*this, "o_proj"));
   const int64_t b = layout_.batch, s = layout_.seq, d = o.head_dim;
-  const int64_t lkv = local_kv_, g = local_heads_ / local_kv_;
+  const int64_t lkv = local_kv_;
   ASSIGN_OR_RETURN(Tensor dctx, o_proj->Backward(grad_out));  // [T, lh d]
-  ASSIGN_OR_RETURN(dctx, dctx.Reshape({b, s, lkv, g, d}));
-  ASSIGN_OR_RETURN(dctx, TokensToHeads(dctx));  // [b, lkv, g s, d]
-  ASSIGN_OR_RETURN(Tensor dp, ops::BatchMatMul(dctx, v_, false, true));
-  ASSIGN_OR_RETURN(Tensor dv, ops::BatchMatMul(p_, dctx, true, false));
-  ASSIGN_OR_RETURN(Tensor ds, ops::SoftmaxBackward(dp, p_));
-  ASSIGN_OR_RETURN(Tensor dq, ops::BatchMatMul(ds, k_));
-  ASSIGN_OR_RETURN(dq, ops::Scale(dq, 1.0 / std::sqrt(static_cast<double>(d))));
-  ASSIGN_OR_RETURN(Tensor dk, ops::BatchMatMul(ds, q_, true, false));
-  ASSIGN_OR_RETURN(dq, HeadsToTokens(dq, g));  // [b, s, lkv, g, d]
+  ASSIGN_OR_RETURN(attention_core::Grads grads,
+                   attention_core::Backward(dctx, saved_));
+  Tensor dq = std::move(grads.dq), dk = std::move(grads.dk),
+         dv = std::move(grads.dv);
   ASSIGN_OR_RETURN(dq, dq.Reshape({b * s, local_heads_ * d}));
-  ASSIGN_OR_RETURN(dk, HeadsToTokens(dk, 1));
   ASSIGN_OR_RETURN(dk, dk.Reshape({b * s, lkv * d}));
-  ASSIGN_OR_RETURN(dv, HeadsToTokens(dv, 1));
   ASSIGN_OR_RETURN(dv, dv.Reshape({b * s, lkv * d}));
   if (o.rope) {
     ASSIGN_OR_RETURN(dq, ApplyRope(dq, s, d, 0, cos_, sin_, true));
@@ -533,7 +492,7 @@ absl::StatusOr<Tensor> Attention::Backward(const Tensor& grad_out) {
   RETURN_IF_ERROR(ops::AddInPlace(dx, dxk));
   RETURN_IF_ERROR(ops::AddInPlace(dx, dxv));
   has_forward_ = false;
-  q_ = k_ = v_ = p_ = Tensor();
+  saved_ = attention_core::Saved();
   return dx;
 }
 

@@ -100,6 +100,7 @@
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
 #include "layers/attention.h"
+#include "layers/attention_core.h"
 #include "layers/mlp.h"
 #include "layers/module.h"
 #include "layers/norm.h"
@@ -246,7 +247,7 @@ class Attention final : public Module {
   // Saved by an uncached Forward.
   TokenLayout layout_;
   int64_t local_heads_ = 0, local_kv_ = 0;
-  Tensor q_, k_, v_, p_;
+  attention_core::Saved saved_;
   bool has_forward_ = false;
 };
 
