@@ -90,8 +90,25 @@ void ZeroFill(Tensor& t) {
   if (t.defined() && t.numel() > 0) std::memset(t.raw_data(), 0, t.nbytes());
 }
 
+// Accumulates the gradients of y = x W^T (+ b) from dy [rows, out] and
+// x [rows, in] into weight_grad [out, in] (and bias_grad [out]). The bias
+// gradient is computed before anything is written, so an error leaves both
+// as they were.
+absl::Status AccumulateLinearGrads(const Tensor& dy, const Tensor& x,
+                                   Tensor& weight_grad, Tensor* bias_grad) {
+  Tensor db;
+  if (bias_grad != nullptr) {
+    ASSIGN_OR_RETURN(db, ops::BiasGrad(dy));
+  }
+  RETURN_IF_ERROR(ops::MatMulInto(dy, x, weight_grad, /*trans_a=*/true,
+                                  false, 1.0, 1.0));
+  if (bias_grad != nullptr) RETURN_IF_ERROR(ops::AddInPlace(*bias_grad, db));
+  return absl::OkStatus();
+}
+
 }  // namespace internal_linear
 
+using internal_linear::AccumulateLinearGrads;
 using internal_linear::Annotate;
 using internal_linear::CheckCommon;
 using internal_linear::CheckGradShape;
@@ -208,14 +225,9 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
     // dx is ours: reduce in place rather than through a copying mapping.
     RETURN_IF_ERROR(Annotate(comm_.AllReduce(dx, ReduceOp::kSum), o.name));
   }
-  Tensor db;
-  if (o.bias) {
-    ASSIGN_OR_RETURN(db, ops::BiasGrad(g2));
-  }
   // Every collective succeeded: commit the gradients.
-  RETURN_IF_ERROR(ops::MatMulInto(g2, cached_input_, weight_grad_,
-                                  /*trans_a=*/true, false, 1.0, 1.0));
-  if (o.bias) RETURN_IF_ERROR(ops::AddInPlace(bias_grad_, db));
+  RETURN_IF_ERROR(AccumulateLinearGrads(g2, cached_input_, weight_grad_,
+                                        o.bias ? &bias_grad_ : nullptr));
   cached_input_ = Tensor();
   return dx;
 }
@@ -350,14 +362,9 @@ absl::StatusOr<Tensor> RowParallelLinear::Backward(const Tensor& grad_out) {
     RETURN_IF_ERROR(Annotate(gathered.status(), o.name));
     dx = *std::move(gathered);
   }
-  Tensor db;
-  if (o.bias) {
-    ASSIGN_OR_RETURN(db, ops::BiasGrad(g2));
-  }
   // Every collective succeeded: commit the gradients.
-  RETURN_IF_ERROR(ops::MatMulInto(g2, cached_input_, weight_grad_,
-                                  /*trans_a=*/true, false, 1.0, 1.0));
-  if (o.bias) RETURN_IF_ERROR(ops::AddInPlace(bias_grad_, db));
+  RETURN_IF_ERROR(AccumulateLinearGrads(g2, cached_input_, weight_grad_,
+                                        o.bias ? &bias_grad_ : nullptr));
   cached_input_ = Tensor();
   return dx;
 }
