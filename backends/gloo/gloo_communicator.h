@@ -6,7 +6,9 @@
 //                  kGlooInlineBytes (see "Consistency check")
 //   Broadcast      gloo::broadcast (binomial tree)
 //   AllGather      gloo::allgather (ring)
-//   ReduceScatter  gloo::ReduceScatterHalvingDoubling
+//   ReduceScatter  gloo::ReduceScatterHalvingDoubling, which reduces in its
+//                  input buffer: on a copy of `in` (kept between calls), or
+//                  on `in` itself for ReduceScatterOverwritingInput
 //   Barrier        gloo::barrier, or the consistency all-gather itself
 //   Send / Recv    Gloo unbound buffers on per-peer, per-message slots
 //
@@ -48,31 +50,34 @@
 // 32-bit fingerprint of their signature into the Gloo tag, so calls that
 // disagree use different Gloo slots and never exchange data (a size mismatch
 // on one slot would abort the process inside Gloo's I/O thread, which
-// enforces buffer sizes); ReduceScatter's Gloo algorithm cannot take a tag,
-// so it skips only when its signature equals the last verified one, which
-// every rank of a usable group shares. A call that disagrees with a peer
-// after skipping therefore waits instead of crashing: when any collective
-// times out, each rank posts its call to the store (under "gloo/diag/") and
-// reads its peers' (waiting at most min(timeout, 3 s); also after a lost
-// connection, since Gloo closes every connection of a rank whose wait timed
-// out); ranks that called something else turn the error
-// into kInvalidArgument naming them, ranks that never reached the call are
-// named in the kDeadlineExceeded. Such a
-// mismatch is found only after the timeout and leaves the group unusable;
-// with kAlways it is found at once. With kOff, a ReduceScatter mismatch may
-// still abort inside Gloo. Send/Recv exchange headers both ways before the
-// data in kFirstUse and kAlways. Every rank must use the same mode (a
-// mismatch fails the rendezvous with kInvalidArgument).
+// enforces buffer sizes, and a dtype mismatch of equal size would give a
+// wrong result). ReduceScatter's Gloo algorithm cannot take a tag, so it
+// skips only when its signature equals the last verified one, which every
+// rank of a usable group shares. A call that disagrees with a peer after
+// skipping therefore waits instead of crashing. When any collective times
+// out, each rank posts a description of its call to the store (under
+// "gloo/diag/") and reads its peers' (waiting at most min(timeout, 3 s);
+// also after a lost connection, since Gloo closes every connection of a rank
+// whose wait timed out). Ranks that called something else turn the error
+// into kInvalidArgument naming every rank's call; ranks that never reached
+// the call are named in the kDeadlineExceeded. Such a late mismatch is found
+// only after the timeout and leaves the group unusable; with kAlways it is
+// found at once. With kOff, a ReduceScatter mismatch may still abort inside
+// Gloo. Send/Recv exchange headers both ways before the data in kFirstUse
+// and kAlways. Every rank must use the same mode (a mismatch fails the
+// rendezvous with kInvalidArgument).
 //
-// Errors: kInvalidArgument for bad or mismatched arguments (the group stays
-// usable); kDeadlineExceeded when a peer does not answer within the timeout;
+// Errors: kInvalidArgument for bad or mismatched arguments (found by the
+// envelope: the group stays usable; found after a timeout: unusable, see
+// above); kDeadlineExceeded when a peer does not answer within the timeout;
 // kUnavailable when a peer's connection is lost; kInternal for other Gloo
 // failures. Gloo's exceptions never escape. After a timeout, connection loss
 // or internal error the communicator is unusable: every later call returns
 // kFailedPrecondition carrying the first error. Destroy it and build another.
 //
 // Timeouts: the group's timeout bounds each call from its start (the envelope
-// and the data transfer share one deadline), and bounds the rendezvous.
+// and the data transfer share one deadline; a failed call then spends at most
+// min(timeout, 3 s) more on the diagnosis), and bounds the rendezvous.
 // ReduceScatter's Gloo algorithm applies the timeout to each of its steps, so
 // a peer that stalls inside it without dying is detected after at most
 // log2(size) + 2 timeouts.
