@@ -8,8 +8,11 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <system_error>
+#include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -84,9 +87,8 @@ absl::StatusOr<int> NormDim(absl::string_view op, const Tensor& t, int dim) {
   const int nd = t.ndim();
   const int d = dim < 0 ? dim + nd : dim;
   if (d < 0 || d >= nd) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ops::", op, ": dim ", dim, " out of range for ",
-                     Describe(t)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ops::", op, ": dim ", dim, " out of range for ", Describe(t)));
   }
   return d;
 }
@@ -171,7 +173,8 @@ class Input {
 template <typename C>
 class Output {
  public:
-  Output(Shape shape, DType dtype) : t_(Tensor::Empty(std::move(shape), dtype)) {
+  Output(Shape shape, DType dtype)
+      : t_(Tensor::Empty(std::move(shape), dtype)) {
     if (dtype == DTypeOf<C>::value) {
       p_ = static_cast<C*>(t_.raw_data());
     } else {
@@ -195,6 +198,39 @@ class Output {
   C* p_ = nullptr;
 };
 
+// Element-wise loops of at least this many elements per thread are split
+// over openblas_get_num_threads() threads: the threads the GEMMs use
+// (tools/launch sets OPENBLAS_NUM_THREADS to cores / ranks per host). Every
+// element is computed alone, so the result does not depend on the split.
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 16;
+
+// Calls body(begin, end) over [0, n) in contiguous pieces, on this thread and
+// up to openblas_get_num_threads() - 1 more. (OpenBLAS exposes no pool for
+// other work, and Abseil has none; a thread per piece costs ~50 us against
+// the >= 65,536 elements of each piece.)
+template <typename Body>
+void ParallelFor(int64_t n, Body body) {
+  const int64_t wanted = std::min<int64_t>(
+      std::max(1, openblas_get_num_threads()), n / kMinElementsPerThread);
+  if (wanted <= 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  const int64_t piece = (n + wanted - 1) / wanted;
+  std::vector<std::thread> helpers;
+  helpers.reserve(static_cast<size_t>(wanted - 1));
+  for (int64_t begin = piece; begin < n; begin += piece) {
+    const int64_t end = std::min(n, begin + piece);
+    try {
+      helpers.emplace_back([=] { body(begin, end); });
+    } catch (const std::system_error&) {
+      body(begin, end);  // no thread to be had: do it here
+    }
+  }
+  body(int64_t{0}, std::min(n, piece));
+  for (std::thread& t : helpers) t.join();
+}
+
 // Element-wise map over same-shape inputs.
 template <typename Fn>
 absl::StatusOr<Tensor> Unary(const Tensor& x, Fn fn) {
@@ -205,7 +241,9 @@ absl::StatusOr<Tensor> Unary(const Tensor& x, Fn fn) {
     const int64_t n = x.numel();
     C* o = out.data();
     const C* p = in.data();
-    for (int64_t i = 0; i < n; ++i) o[i] = fn(p[i]);
+    ParallelFor(n, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = fn(p[i]);
+    });
     return out.Finish();
   });
 }
@@ -221,7 +259,9 @@ absl::StatusOr<Tensor> Binary(const Tensor& a, const Tensor& b, Fn fn) {
     C* o = out.data();
     const C* pa = ia.data();
     const C* pb = ib.data();
-    for (int64_t i = 0; i < n; ++i) o[i] = fn(pa[i], pb[i]);
+    ParallelFor(n, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = fn(pa[i], pb[i]);
+    });
     return out.Finish();
   });
 }
@@ -231,7 +271,8 @@ Shape LeadingShape(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
 
 // ---- GEMM -----------------------------------------------------------------
 
-absl::Status CheckBlasInt(absl::string_view op, int64_t v, absl::string_view what) {
+absl::Status CheckBlasInt(absl::string_view op, int64_t v,
+                          absl::string_view what) {
   if (v > static_cast<int64_t>(INT_MAX)) {
     return absl::InvalidArgumentError(
         absl::StrCat("ops::", op, ": ", what, " = ", v,
@@ -242,8 +283,8 @@ absl::Status CheckBlasInt(absl::string_view op, int64_t v, absl::string_view wha
 
 // Row-major C[M,N] = alpha op(A) op(B) + beta C.
 void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb,
-          double beta, float* c, int64_t ldc) {
+          const float* a, int64_t lda, const float* b, int64_t ldb, double beta,
+          float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
               tb ? CblasTrans : CblasNoTrans, static_cast<int>(m),
               static_cast<int>(n), static_cast<int>(k),
@@ -323,11 +364,13 @@ absl::StatusOr<Tensor> MatMul(const Tensor& a, const Tensor& b, bool trans_a,
   const int64_t kb = trans_b ? b.dim(1) : b.dim(0);
   const int64_t n = trans_b ? b.dim(0) : b.dim(1);
   if (k != kb) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::MatMul: a ", Describe(a), " and b ", Describe(b),
-        TransNote(trans_a, trans_b), " have inner dimensions ", k, " and ", kb));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::MatMul: a ", Describe(a), " and b ", Describe(b),
+                     TransNote(trans_a, trans_b), " have inner dimensions ", k,
+                     " and ", kb));
   }
-  for (int64_t v : {m, n, k}) RETURN_IF_ERROR(CheckBlasInt("MatMul", v, "a dimension"));
+  for (int64_t v : {m, n, k})
+    RETURN_IF_ERROR(CheckBlasInt("MatMul", v, "a dimension"));
   Shape out_shape;
   if (trans_a) {
     out_shape = {m, n};
@@ -362,23 +405,25 @@ absl::Status MatMulInto(const Tensor& a, const Tensor& b, Tensor& c,
   RETURN_IF_ERROR(CheckFloat("MatMulInto", "c", c));
   RETURN_IF_ERROR(CheckSameDType("MatMulInto", "a", a, "c", c));
   if (a.ndim() != 2 || b.ndim() != 2 || c.ndim() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::MatMulInto: a ", Describe(a), ", b ", Describe(b), ", c ",
-        Describe(c), ": all must be 2-D"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::MatMulInto: a ", Describe(a), ", b ", Describe(b),
+                     ", c ", Describe(c), ": all must be 2-D"));
   }
   const int64_t m = trans_a ? a.dim(1) : a.dim(0);
   const int64_t k = trans_a ? a.dim(0) : a.dim(1);
   const int64_t kb = trans_b ? b.dim(1) : b.dim(0);
   const int64_t n = trans_b ? b.dim(0) : b.dim(1);
   if (k != kb) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::MatMulInto: a ", Describe(a), " and b ", Describe(b),
-        TransNote(trans_a, trans_b), " have inner dimensions ", k, " and ", kb));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::MatMulInto: a ", Describe(a), " and b ", Describe(b),
+                     TransNote(trans_a, trans_b), " have inner dimensions ", k,
+                     " and ", kb));
   }
   if (c.dim(0) != m || c.dim(1) != n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::MatMulInto: c is ", Describe(c), " but a ", Describe(a), " and b ",
-        Describe(b), TransNote(trans_a, trans_b), " give [", m, ", ", n, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::MatMulInto: c is ", Describe(c), " but a ",
+                     Describe(a), " and b ", Describe(b),
+                     TransNote(trans_a, trans_b), " give [", m, ", ", n, "]"));
   }
   if (c.SharesStorageWith(a) || c.SharesStorageWith(b)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -513,8 +558,8 @@ absl::StatusOr<Tensor> Scale(const Tensor& a, double s) {
 
 absl::Status AddInPlace(Tensor& a, const Tensor& b) {
   RETURN_IF_ERROR(CheckPair("AddInPlace", "a", a, "b", b));
-  if (a.is_contiguous() && (a.dtype() == DType::kFloat32 ||
-                            a.dtype() == DType::kFloat64)) {
+  if (a.is_contiguous() &&
+      (a.dtype() == DType::kFloat32 || a.dtype() == DType::kFloat64)) {
     return WithComputeType(a.dtype(), [&](auto tag) -> absl::Status {
       using C = decltype(tag);
       Input<C> ib(b);
@@ -534,9 +579,9 @@ absl::StatusOr<Tensor> AddBias(const Tensor& x, const Tensor& bias) {
   RETURN_IF_ERROR(CheckFloat("AddBias", "bias", bias));
   RETURN_IF_ERROR(CheckSameDType("AddBias", "x", x, "bias", bias));
   if (x.ndim() < 1 || bias.ndim() != 1 || bias.dim(0) != x.dim(-1)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::AddBias: bias ", Describe(bias),
-        " must be 1-D of the last dimension of x ", Describe(x)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::AddBias: bias ", Describe(bias),
+                     " must be 1-D of the last dimension of x ", Describe(x)));
   }
   return WithComputeType(x.dtype(), [&](auto tag) -> absl::StatusOr<Tensor> {
     using C = decltype(tag);
@@ -627,14 +672,15 @@ absl::StatusOr<Tensor> SiLUBackward(const Tensor& grad, const Tensor& x) {
   });
 }
 
-// ---- softmax ------------------------------------------------------------------
+// ---- softmax
+// ------------------------------------------------------------------
 
 absl::StatusOr<Tensor> Softmax(const Tensor& x, bool causal) {
   RETURN_IF_ERROR(CheckFloat("Softmax", "x", x));
   if (x.ndim() < 1 || (causal && x.ndim() < 2)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "ops::Softmax: x ", Describe(x), " must have rank >= ",
-        causal ? "2 (causal: [..., Sq, Sk])" : "1"));
+        "ops::Softmax: x ", Describe(x),
+        " must have rank >= ", causal ? "2 (causal: [..., Sq, Sk])" : "1"));
   }
   const int64_t sk = x.dim(-1);
   const int64_t sq = causal ? x.dim(-2) : 1;
@@ -694,7 +740,8 @@ absl::StatusOr<Tensor> SoftmaxBackward(const Tensor& grad_y, const Tensor& y) {
   });
 }
 
-// ---- normalisation ----------------------------------------------------------------
+// ---- normalisation
+// ----------------------------------------------------------------
 
 namespace {
 
@@ -709,9 +756,9 @@ absl::Status CheckNormParams(absl::string_view op, const Tensor& x,
   RETURN_IF_ERROR(CheckFloat(op, "gamma", gamma));
   RETURN_IF_ERROR(CheckSameDType(op, "x", x, "gamma", gamma));
   if (x.ndim() < 1 || x.dim(-1) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::", op, ": x ", Describe(x),
-        " must have rank >= 1 and a non-empty last dimension"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::", op, ": x ", Describe(x),
+                     " must have rank >= 1 and a non-empty last dimension"));
   }
   const Shape n = {x.dim(-1)};
   if (gamma.shape() != n) {
@@ -761,7 +808,8 @@ NormOutput NormForward(const Tensor& x, const Tensor& gamma, const Tensor* beta,
   Output<C> y(x.shape(), x.dtype());
   const Shape stats_shape = LeadingShape(x.shape());
   Tensor mean_t;
-  if (beta != nullptr) mean_t = Tensor::Empty(stats_shape, StatsDType(x.dtype()));
+  if (beta != nullptr)
+    mean_t = Tensor::Empty(stats_shape, StatsDType(x.dtype()));
   Tensor rstd_t = Tensor::Empty(stats_shape, StatsDType(x.dtype()));
   C* mean_p = beta != nullptr ? static_cast<C*>(mean_t.raw_data()) : nullptr;
   C* rstd_p = static_cast<C*>(rstd_t.raw_data());
@@ -848,9 +896,10 @@ NormGrads NormBackward(const Tensor& grad_y, const Tensor& x,
 absl::StatusOr<NormOutput> LayerNorm(const Tensor& x, const Tensor& gamma,
                                      const Tensor& beta, double eps) {
   RETURN_IF_ERROR(CheckNormParams("LayerNorm", x, gamma, &beta, eps));
-  return WithComputeType(x.dtype(), [&](auto tag) -> absl::StatusOr<NormOutput> {
-    return NormForward<decltype(tag)>(x, gamma, &beta, eps);
-  });
+  return WithComputeType(
+      x.dtype(), [&](auto tag) -> absl::StatusOr<NormOutput> {
+        return NormForward<decltype(tag)>(x, gamma, &beta, eps);
+      });
 }
 
 absl::StatusOr<NormGrads> LayerNormBackward(const Tensor& grad_y,
@@ -871,13 +920,13 @@ absl::StatusOr<NormGrads> LayerNormBackward(const Tensor& grad_y,
 absl::StatusOr<NormOutput> RMSNorm(const Tensor& x, const Tensor& gamma,
                                    double eps) {
   RETURN_IF_ERROR(CheckNormParams("RMSNorm", x, gamma, nullptr, eps));
-  return WithComputeType(x.dtype(), [&](auto tag) -> absl::StatusOr<NormOutput> {
-    return NormForward<decltype(tag)>(x, gamma, nullptr, eps);
-  });
+  return WithComputeType(
+      x.dtype(), [&](auto tag) -> absl::StatusOr<NormOutput> {
+        return NormForward<decltype(tag)>(x, gamma, nullptr, eps);
+      });
 }
 
-absl::StatusOr<NormGrads> RMSNormBackward(const Tensor& grad_y,
-                                          const Tensor& x,
+absl::StatusOr<NormGrads> RMSNormBackward(const Tensor& grad_y, const Tensor& x,
                                           const Tensor& gamma,
                                           const Tensor& rstd) {
   constexpr absl::string_view kOp = "RMSNormBackward";
@@ -889,15 +938,16 @@ absl::StatusOr<NormGrads> RMSNormBackward(const Tensor& grad_y,
   });
 }
 
-// ---- shape manipulation ----------------------------------------------------------
+// ---- shape manipulation
+// ----------------------------------------------------------
 
 absl::StatusOr<Tensor> Concat(absl::Span<const Tensor> tensors, int dim) {
   if (tensors.empty()) {
     return absl::InvalidArgumentError("ops::Concat: no tensors to concatenate");
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
-    RETURN_IF_ERROR(CheckUsable("Concat", absl::StrCat("tensors[", i, "]"),
-                                tensors[i]));
+    RETURN_IF_ERROR(
+        CheckUsable("Concat", absl::StrCat("tensors[", i, "]"), tensors[i]));
   }
   const Tensor& first = tensors[0];
   ASSIGN_OR_RETURN(const int d, NormDim("Concat", first, dim));
@@ -910,10 +960,10 @@ absl::StatusOr<Tensor> Concat(absl::Span<const Tensor> tensors, int dim) {
       if (k != d && t.dim(k) != first.dim(k)) ok = false;
     }
     if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "ops::Concat: tensors[", i, "] is ", Describe(t),
-          " but tensors[0] is ", Describe(first), "; only dim ", d,
-          " may differ"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("ops::Concat: tensors[", i, "] is ", Describe(t),
+                       " but tensors[0] is ", Describe(first), "; only dim ", d,
+                       " may differ"));
     }
     out_shape[d] += t.dim(d);
   }
@@ -960,9 +1010,9 @@ absl::StatusOr<std::vector<Tensor>> Split(const Tensor& t, int parts, int dim) {
   RETURN_IF_ERROR(CheckUsable("Split", "t", t));
   ASSIGN_OR_RETURN(const int d, NormDim("Split", t, dim));
   if (parts < 1 || t.dim(d) % parts != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ops::Split: dim ", d, " of ", Describe(t), " (", t.dim(d),
-        ") is not divisible into ", parts, " equal parts"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ops::Split: dim ", d, " of ", Describe(t), " (", t.dim(d),
+                     ") is not divisible into ", parts, " equal parts"));
   }
   return SplitSizes(t, std::vector<int64_t>(parts, t.dim(d) / parts), d);
 }
@@ -1008,7 +1058,8 @@ absl::StatusOr<Tensor> Transpose(const Tensor& t, int d0, int d1) {
   return out;
 }
 
-// ---- embeddings --------------------------------------------------------------------
+// ---- embeddings
+// --------------------------------------------------------------------
 
 namespace {
 
@@ -1099,7 +1150,8 @@ absl::StatusOr<Tensor> EmbeddingBackward(const Tensor& grad, const Tensor& ids,
   });
 }
 
-// ---- conversion and reduction --------------------------------------------------------
+// ---- conversion and reduction
+// --------------------------------------------------------
 
 namespace {
 

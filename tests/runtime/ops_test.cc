@@ -5,6 +5,8 @@
 // differences in float64; every error path is exercised.
 #include "runtime/ops.h"
 
+#include <cblas.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -25,7 +27,8 @@ namespace {
 using ::testing::HasSubstr;
 using Vec = std::vector<double>;
 
-// ---- helpers -----------------------------------------------------------------
+// ---- helpers
+// -----------------------------------------------------------------
 
 // Relative tolerance per dtype: fp16/bf16 outputs are rounded once from
 // float32 (2^-11 and 2^-8 relative), fp32 accumulates rounding in float.
@@ -45,8 +48,8 @@ double Tol(DType dt) {
 // A tensor of `shape` with uniform values in [lo, hi). With `noncontig` it is
 // a Narrow() view (along the last dimension) of a wider parent, so its rows
 // are strided.
-Tensor Random(const Shape& shape, DType dt, uint32_t seed, bool noncontig = false,
-              double lo = -2.0, double hi = 2.0) {
+Tensor Random(const Shape& shape, DType dt, uint32_t seed,
+              bool noncontig = false, double lo = -2.0, double hi = 2.0) {
   std::mt19937 gen(seed);
   std::uniform_real_distribution<double> dist(lo, hi);
   Shape full = shape;
@@ -65,8 +68,8 @@ Tensor Random(const Shape& shape, DType dt, uint32_t seed, bool noncontig = fals
 
 // Checks dtype, shape, contiguity and values of `got` against `want` (double
 // reference): |got - want| <= tol * max(1, max|want|) elementwise.
-void ExpectClose(const Tensor& got, const Vec& want, const Shape& shape, DType dt,
-                 double tol_scale = 1.0) {
+void ExpectClose(const Tensor& got, const Vec& want, const Shape& shape,
+                 DType dt, double tol_scale = 1.0) {
   ASSERT_TRUE(got.defined());
   EXPECT_EQ(got.dtype(), dt);
   ASSERT_EQ(got.shape(), shape);
@@ -89,9 +92,11 @@ void ExpectClose(const Tensor& got, const Vec& want, const Shape& shape, DType d
   EXPECT_EQ(bad, 0);
 }
 
-void ExpectInvalid(const absl::Status& s, const std::vector<std::string>& parts) {
+void ExpectInvalid(const absl::Status& s,
+                   const std::vector<std::string>& parts) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  for (const std::string& p : parts) EXPECT_THAT(std::string(s.message()), HasSubstr(p));
+  for (const std::string& p : parts)
+    EXPECT_THAT(std::string(s.message()), HasSubstr(p));
 }
 
 template <typename T>
@@ -245,7 +250,8 @@ TEST_P(OpsTest, MatMulFlattensLeadingDimsOfA) {
   Tensor b = Rand({7, 9}, 4);
   auto c = MatMul(a, b, false, true);
   ASSERT_TRUE(c.ok()) << c.status();
-  ExpectClose(*c, RefMatMul(a.ToDoubles(), b.ToDoubles(), 24, 9, 7, false, true),
+  ExpectClose(*c,
+              RefMatMul(a.ToDoubles(), b.ToDoubles(), 24, 9, 7, false, true),
               {2, 3, 4, 7}, dt());
 }
 
@@ -384,6 +390,28 @@ TEST_P(OpsTest, ActivationsForwardAndBackward) {
   ExpectClose(*SiLUBackward(g, x), dsilu, {4, 7}, dt());
 }
 
+TEST_P(OpsTest, ElementwiseOpsSplitOverThreadsMatchTheReference) {
+  // Above 2 x 65,536 elements, element-wise ops run on up to
+  // openblas_get_num_threads() threads in contiguous pieces; n is not a
+  // multiple of the piece, so the last piece is short.
+  const int saved = openblas_get_num_threads();
+  openblas_set_num_threads(3);
+  const int64_t n = 3 * 65536 + 17;
+  Tensor x = Rand({n}, 31, -4, 4);
+  Tensor g = Rand({n}, 32);
+  const Vec xv = x.ToDoubles(), gv = g.ToDoubles();
+  Vec gelu(n), dgelu(n), sum(n);
+  for (int64_t i = 0; i < n; ++i) {
+    gelu[i] = RefGeLU(xv[i]);
+    dgelu[i] = gv[i] * RefGeLUGrad(xv[i]);
+    sum[i] = xv[i] + gv[i];
+  }
+  ExpectClose(*GeLU(x), gelu, {n}, dt());
+  ExpectClose(*GeLUBackward(g, x), dgelu, {n}, dt());
+  ExpectClose(*Add(x, g), sum, {n}, dt());
+  openblas_set_num_threads(saved);
+}
+
 TEST_P(OpsTest, SoftmaxPlainAndCausal) {
   for (bool causal : {false, true}) {
     for (int64_t sq : {4, 2}) {  // sq == sk and sq < sk (KV cache)
@@ -425,10 +453,10 @@ TEST_P(OpsTest, LayerNormForwardAndBackward) {
   ASSERT_TRUE(out.ok()) << out.status();
   const Vec xv = x.ToDoubles(), gv = gamma.ToDoubles(), bv = beta.ToDoubles();
   const RefNorm ref = RefNormForward(xv, gv, &bv, n, 1e-5);
-  const DType stats = dt() == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+  const DType stats =
+      dt() == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
   ExpectClose(out->y, ref.y, {3, 2, n}, dt());
-  ExpectClose(out->mean, ref.mean, {3, 2}, stats,
-              Tol(dt()) / Tol(stats));
+  ExpectClose(out->mean, ref.mean, {3, 2}, stats, Tol(dt()) / Tol(stats));
   ExpectClose(out->rstd, ref.rstd, {3, 2}, stats, Tol(dt()) / Tol(stats));
 
   // Backward reference: the closed form, evaluated in double.
@@ -466,7 +494,8 @@ TEST_P(OpsTest, RMSNormForwardAndBackward) {
   EXPECT_FALSE(out->mean.defined());
   const Vec xv = x.ToDoubles(), gv = gamma.ToDoubles();
   const RefNorm ref = RefNormForward(xv, gv, nullptr, n, 1e-6);
-  const DType stats = dt() == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+  const DType stats =
+      dt() == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
   ExpectClose(out->y, ref.y, {5, n}, dt());
   ExpectClose(out->rstd, ref.rstd, {5}, stats, Tol(dt()) / Tol(stats));
   Tensor gy = Rand({5, n}, 31);
@@ -539,9 +568,9 @@ TEST(MatMulTest, LargerShapesMatchNaiveReference) {
     Tensor b = Random({300, 129}, dt, 41);
     auto c = MatMul(a, b);
     ASSERT_TRUE(c.ok()) << c.status();
-    ExpectClose(*c, RefMatMul(a.ToDoubles(), b.ToDoubles(), 67, 300, 129, false,
-                              false),
-                {67, 129}, dt);
+    ExpectClose(
+        *c, RefMatMul(a.ToDoubles(), b.ToDoubles(), 67, 300, 129, false, false),
+        {67, 129}, dt);
   }
 }
 
@@ -554,7 +583,8 @@ TEST(MatMulTest, ConcurrentCallsFromSeveralThreadsAgree) {
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
-      for (int i = 0; i < 20; ++i) got[t] = MatMul(a, b, false, true)->ToDoubles();
+      for (int i = 0; i < 20; ++i)
+        got[t] = MatMul(a, b, false, true)->ToDoubles();
     });
   }
   for (std::thread& t : threads) t.join();
@@ -577,7 +607,8 @@ TEST(MatMulTest, EmptyInnerDimensionGivesZeros) {
 TEST(MatMulTest, FloatOutputsOfHalfInputsAreRoundedOnce) {
   // 1 + 2^-11 is not representable in fp16: the fp32 product is rounded.
   Tensor a = *Tensor::FromDoubles({1.0, 1.0}, {1, 2}, DType::kFloat16);
-  Tensor b = *Tensor::FromDoubles({1.0, 0.00048828125}, {2, 1}, DType::kFloat16);
+  Tensor b =
+      *Tensor::FromDoubles({1.0, 0.00048828125}, {2, 1}, DType::kFloat16);
   auto c = MatMul(a, b);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(c->ToDoubles(), Vec{1.0});  // tie -> even (1.0, not 1 + 2^-10)
@@ -589,12 +620,14 @@ TEST(FiniteDifferenceTest, ActivationBackwardsMatchNumericalGradients) {
   Tensor x = Random({3, 5}, DType::kFloat64, 50, false, -3, 3);
   Tensor w = Random({3, 5}, DType::kFloat64, 51);
   const Vec wv = w.ToDoubles();
-  ExpectNearVec(GeLUBackward(w, x)->ToDoubles(),
-                FiniteDiff(x, wv, [](const Tensor& t) { return GeLU(t)->ToDoubles(); }),
-                1e-7);
-  ExpectNearVec(SiLUBackward(w, x)->ToDoubles(),
-                FiniteDiff(x, wv, [](const Tensor& t) { return SiLU(t)->ToDoubles(); }),
-                1e-7);
+  ExpectNearVec(
+      GeLUBackward(w, x)->ToDoubles(),
+      FiniteDiff(x, wv, [](const Tensor& t) { return GeLU(t)->ToDoubles(); }),
+      1e-7);
+  ExpectNearVec(
+      SiLUBackward(w, x)->ToDoubles(),
+      FiniteDiff(x, wv, [](const Tensor& t) { return SiLU(t)->ToDoubles(); }),
+      1e-7);
 }
 
 TEST(FiniteDifferenceTest, SoftmaxBackwardMatchesNumericalGradient) {
@@ -621,24 +654,40 @@ TEST(FiniteDifferenceTest, NormBackwardsMatchNumericalGradients) {
 
   NormOutput ln = *LayerNorm(x, gamma, beta, 1e-5);
   NormGrads lg = *LayerNormBackward(w, x, gamma, ln.mean, ln.rstd);
-  ExpectNearVec(lg.dx.ToDoubles(), FiniteDiff(x, wv, [&](const Tensor& t) {
-                  return LayerNorm(t, gamma, beta, 1e-5)->y.ToDoubles();
-                }), 1e-6);
-  ExpectNearVec(lg.dgamma.ToDoubles(), FiniteDiff(gamma, wv, [&](const Tensor& t) {
-                  return LayerNorm(x, t, beta, 1e-5)->y.ToDoubles();
-                }), 1e-6);
-  ExpectNearVec(lg.dbeta.ToDoubles(), FiniteDiff(beta, wv, [&](const Tensor& t) {
-                  return LayerNorm(x, gamma, t, 1e-5)->y.ToDoubles();
-                }), 1e-6);
+  ExpectNearVec(
+      lg.dx.ToDoubles(),
+      FiniteDiff(x, wv,
+                 [&](const Tensor& t) {
+                   return LayerNorm(t, gamma, beta, 1e-5)->y.ToDoubles();
+                 }),
+      1e-6);
+  ExpectNearVec(lg.dgamma.ToDoubles(),
+                FiniteDiff(gamma, wv,
+                           [&](const Tensor& t) {
+                             return LayerNorm(x, t, beta, 1e-5)->y.ToDoubles();
+                           }),
+                1e-6);
+  ExpectNearVec(lg.dbeta.ToDoubles(),
+                FiniteDiff(beta, wv,
+                           [&](const Tensor& t) {
+                             return LayerNorm(x, gamma, t, 1e-5)->y.ToDoubles();
+                           }),
+                1e-6);
 
   NormOutput rn = *RMSNorm(x, gamma, 1e-6);
   NormGrads rg = *RMSNormBackward(w, x, gamma, rn.rstd);
-  ExpectNearVec(rg.dx.ToDoubles(), FiniteDiff(x, wv, [&](const Tensor& t) {
-                  return RMSNorm(t, gamma, 1e-6)->y.ToDoubles();
-                }), 1e-6);
-  ExpectNearVec(rg.dgamma.ToDoubles(), FiniteDiff(gamma, wv, [&](const Tensor& t) {
-                  return RMSNorm(x, t, 1e-6)->y.ToDoubles();
-                }), 1e-6);
+  ExpectNearVec(rg.dx.ToDoubles(),
+                FiniteDiff(x, wv,
+                           [&](const Tensor& t) {
+                             return RMSNorm(t, gamma, 1e-6)->y.ToDoubles();
+                           }),
+                1e-6);
+  ExpectNearVec(rg.dgamma.ToDoubles(),
+                FiniteDiff(gamma, wv,
+                           [&](const Tensor& t) {
+                             return RMSNorm(x, t, 1e-6)->y.ToDoubles();
+                           }),
+                1e-6);
 }
 
 TEST(FiniteDifferenceTest, MatMulAndEmbeddingGradientsMatch) {
@@ -647,17 +696,22 @@ TEST(FiniteDifferenceTest, MatMulAndEmbeddingGradientsMatch) {
   Tensor b = Random({4, 2}, DType::kFloat64, 59);
   Tensor g = Random({3, 2}, DType::kFloat64, 60);
   const Vec gv = g.ToDoubles();
-  ExpectNearVec(MatMul(g, b, false, true)->ToDoubles(),
-                FiniteDiff(a, gv, [&](const Tensor& t) { return MatMul(t, b)->ToDoubles(); }),
-                1e-7);
+  ExpectNearVec(
+      MatMul(g, b, false, true)->ToDoubles(),
+      FiniteDiff(a, gv,
+                 [&](const Tensor& t) { return MatMul(t, b)->ToDoubles(); }),
+      1e-7);
   Tensor db = Tensor::Zeros({4, 2}, DType::kFloat64);
   ASSERT_TRUE(MatMulInto(a, g, db, true, false).ok());
-  ExpectNearVec(db.ToDoubles(),
-                FiniteDiff(b, gv, [&](const Tensor& t) { return MatMul(a, t)->ToDoubles(); }),
-                1e-7);
+  ExpectNearVec(
+      db.ToDoubles(),
+      FiniteDiff(b, gv,
+                 [&](const Tensor& t) { return MatMul(a, t)->ToDoubles(); }),
+      1e-7);
 }
 
-// ---- numerics ----------------------------------------------------------------
+// ---- numerics
+// ----------------------------------------------------------------
 
 TEST(SoftmaxTest, IsStableForLargeLogits) {
   Tensor x = *Tensor::FromVector<float>({1000, 1001, 1002, -1000}, {1, 4});
@@ -746,7 +800,9 @@ TEST(ShapeOpsTest, ConcatAlongEveryDimension) {
       // A strided third input: a Narrow view of a wider tensor.
       Shape s3 = s1;
       s3[d] = 2;
-      Tensor wide = Iota({2 + (d == 0 ? 2 : 0), 3 + (d == 1 ? 2 : 0), 4 + (d == 2 ? 2 : 0)}, dt);
+      Tensor wide = Iota(
+          {2 + (d == 0 ? 2 : 0), 3 + (d == 1 ? 2 : 0), 4 + (d == 2 ? 2 : 0)},
+          dt);
       Tensor c = *wide.Narrow(d, 1, 2);
       auto out = Concat({a, b, c}, dim);
       ASSERT_TRUE(out.ok()) << out.status();
@@ -833,7 +889,8 @@ TEST(ShapeOpsTest, TransposeMatchesIndexSwap) {
   }
 }
 
-// ---- error paths ---------------------------------------------------------------
+// ---- error paths
+// ---------------------------------------------------------------
 
 TEST(OpsErrorTest, MatMulNamesShapesAndDTypes) {
   Tensor a = Tensor::Zeros({4, 3}, DType::kFloat32);
@@ -847,7 +904,8 @@ TEST(OpsErrorTest, MatMulNamesShapesAndDTypes) {
   ExpectInvalid(MatMul(Tensor::Zeros({2, 4, 3}, DType::kFloat32),
                        Tensor::Zeros({4, 2}, DType::kFloat32), true, false),
                 {"MatMul", "trans_a"});
-  ExpectInvalid(MatMul(Tensor::Zeros({3}, DType::kFloat32), a), {"MatMul", "[3]"});
+  ExpectInvalid(MatMul(Tensor::Zeros({3}, DType::kFloat32), a),
+                {"MatMul", "[3]"});
   ExpectInvalid(MatMul(Tensor::Zeros({2, 3}, DType::kInt32),
                        Tensor::Zeros({3, 2}, DType::kInt32)),
                 {"MatMul", "floating", "int32"});
@@ -890,7 +948,8 @@ TEST(OpsErrorTest, ElementwiseNamesBothShapes) {
   ExpectInvalid(AddInPlace(a, b), {"AddInPlace", "[2, 3]", "[3, 2]"});
   ExpectInvalid(Add(a, Tensor::Zeros({2, 3}, DType::kBFloat16)),
                 {"ops::Add", "float32", "bfloat16"});
-  ExpectInvalid(Scale(Tensor::Zeros({2}, DType::kInt64), 2.0), {"Scale", "int64"});
+  ExpectInvalid(Scale(Tensor::Zeros({2}, DType::kInt64), 2.0),
+                {"Scale", "int64"});
   ExpectInvalid(GeLUBackward(a, b), {"GeLUBackward", "[2, 3]", "[3, 2]"});
   ExpectInvalid(SiLUBackward(a, b), {"SiLUBackward", "[2, 3]", "[3, 2]"});
   ExpectInvalid(GeLU(Tensor::Zeros({2}, DType::kInt32)), {"GeLU", "int32"});
@@ -906,7 +965,8 @@ TEST(OpsErrorTest, BiasShapes) {
                 {"AddBias", "[1, 3]"});
   ExpectInvalid(AddBias(x, Tensor::Zeros({3}, DType::kFloat64)),
                 {"AddBias", "float64"});
-  ExpectInvalid(BiasGrad(Tensor::Zeros({}, DType::kFloat32)), {"BiasGrad", "rank"});
+  ExpectInvalid(BiasGrad(Tensor::Zeros({}, DType::kFloat32)),
+                {"BiasGrad", "rank"});
 }
 
 TEST(OpsErrorTest, SoftmaxRanksAndCausalShape) {
@@ -914,7 +974,8 @@ TEST(OpsErrorTest, SoftmaxRanksAndCausalShape) {
                 {"Softmax", "[4]", "causal"});
   ExpectInvalid(Softmax(Tensor::Zeros({3, 2}, DType::kFloat32), true),
                 {"Softmax", "[3, 2]", "fewer keys (2) than queries (3)"});
-  ExpectInvalid(Softmax(Tensor::Zeros({}, DType::kFloat32)), {"Softmax", "rank"});
+  ExpectInvalid(Softmax(Tensor::Zeros({}, DType::kFloat32)),
+                {"Softmax", "rank"});
 }
 
 TEST(OpsErrorTest, NormParameters) {
@@ -931,15 +992,17 @@ TEST(OpsErrorTest, NormParameters) {
                         Tensor::Zeros({0}, DType::kFloat32)),
                 {"RMSNorm", "[2, 0]"});
   NormOutput out = *LayerNorm(x, g, g);
-  ExpectInvalid(LayerNormBackward(x, x, g, out.rstd, Tensor::Zeros({4}, DType::kFloat32)),
-                {"LayerNormBackward", "rstd", "[4]", "[2]"});
-  ExpectInvalid(LayerNormBackward(x, x, g, Tensor::Zeros({2}, DType::kFloat64),
-                                  out.rstd),
-                {"LayerNormBackward", "mean", "float64"});
+  ExpectInvalid(
+      LayerNormBackward(x, x, g, out.rstd, Tensor::Zeros({4}, DType::kFloat32)),
+      {"LayerNormBackward", "rstd", "[4]", "[2]"});
+  ExpectInvalid(
+      LayerNormBackward(x, x, g, Tensor::Zeros({2}, DType::kFloat64), out.rstd),
+      {"LayerNormBackward", "mean", "float64"});
   ExpectInvalid(LayerNormBackward(Tensor::Zeros({2, 3}, DType::kFloat32), x, g,
                                   out.mean, out.rstd),
                 {"LayerNormBackward", "[2, 3]", "[2, 4]"});
-  ExpectInvalid(RMSNormBackward(x, x, g, Tensor()), {"RMSNormBackward", "rstd"});
+  ExpectInvalid(RMSNormBackward(x, x, g, Tensor()),
+                {"RMSNormBackward", "rstd"});
 }
 
 TEST(OpsErrorTest, ConcatSplitTranspose) {
@@ -963,7 +1026,8 @@ TEST(OpsErrorTest, ConcatSplitTranspose) {
 TEST(OpsErrorTest, EmbeddingIdsAndShapes) {
   Tensor table = Tensor::Zeros({4, 3}, DType::kFloat32);
   Tensor ids = *Tensor::FromVector<int32_t>({0, 7, 1}, {3});
-  ExpectInvalid(Embedding(table, ids), {"Embedding", "id 7", "position 1", "[0, 4)"});
+  ExpectInvalid(Embedding(table, ids),
+                {"Embedding", "id 7", "position 1", "[0, 4)"});
   ExpectInvalid(Embedding(table, *Tensor::FromVector<int64_t>({-1}, {1})),
                 {"Embedding", "id -1"});
   ExpectInvalid(Embedding(table, Tensor::Zeros({2}, DType::kFloat32)),
@@ -972,12 +1036,15 @@ TEST(OpsErrorTest, EmbeddingIdsAndShapes) {
                           *Tensor::FromVector<int32_t>({0}, {1})),
                 {"Embedding", "2-D"});
   Tensor good = *Tensor::FromVector<int64_t>({0, 3}, {2});
-  ExpectInvalid(EmbeddingBackward(Tensor::Zeros({3, 3}, DType::kFloat32), good, 4),
-                {"EmbeddingBackward", "[3, 3]", "[2]"});
-  ExpectInvalid(EmbeddingBackward(Tensor::Zeros({2, 3}, DType::kFloat32), good, 3),
-                {"EmbeddingBackward", "id 3", "[0, 3)"});
-  ExpectInvalid(EmbeddingBackward(Tensor::Zeros({2, 3}, DType::kFloat32), good, 0),
-                {"EmbeddingBackward", "vocab"});
+  ExpectInvalid(
+      EmbeddingBackward(Tensor::Zeros({3, 3}, DType::kFloat32), good, 4),
+      {"EmbeddingBackward", "[3, 3]", "[2]"});
+  ExpectInvalid(
+      EmbeddingBackward(Tensor::Zeros({2, 3}, DType::kFloat32), good, 3),
+      {"EmbeddingBackward", "id 3", "[0, 3)"});
+  ExpectInvalid(
+      EmbeddingBackward(Tensor::Zeros({2, 3}, DType::kFloat32), good, 0),
+      {"EmbeddingBackward", "vocab"});
 }
 
 TEST(OpsErrorTest, UndefinedInputs) {
