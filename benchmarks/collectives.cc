@@ -19,9 +19,11 @@
 //
 //   ours  tp::Communicator: AllReduce / AllGather / ReduceScatter / Broadcast
 //   raw   the Gloo call the backend makes for the data (gloo_communicator.cc):
-//         gloo::allreduce (ring), gloo::allgather (ring),
-//         gloo::ReduceScatterHalvingDoubling (constructed per call, as the
-//         backend does, in place on its input), gloo::broadcast
+//         gloo::allreduce (ring), gloo::allgather (ring), gloo::broadcast;
+//         for ReduceScatter, whose data the backend moves with its own ring
+//         on Gloo's unbound buffers, Gloo's reduce-scatter:
+//         gloo::ReduceScatterHalvingDoubling (constructed per call, in place
+//         on its input)
 //
 // Each iteration refills the inputs (untimed), then times one call of each
 // side, each after a barrier (ours first in even iterations, raw first in
@@ -39,8 +41,10 @@
 // fills element i of iteration k with f(r, i, k) = ((7i + 3r + 5k) mod 32) -
 // 16, a small integer, so sums over ranks are exact in every dtype and the
 // expected values are closed forms. #wrong counts wrong elements over all
-// ranks and iterations; the program exits 1 if any is wrong (2 on a setup or
-// communication error).
+// ranks and iterations; the program exits 1 if any of ours is wrong (2 on a
+// setup or communication error). Wrong elements of the raw side are printed
+// but do not fail the run (Gloo's halving-doubling reduce-scatter has them
+// for large messages).
 //
 // The closing lines check the Performance goal of issue 4: ours adds at most
 // 5 % to raw Gloo's time at 64 KB and above and at most 10 us below.
@@ -98,8 +102,7 @@ ABSL_FLAG(int, iters, 20, "Timed iterations per size (median reported).");
 ABSL_FLAG(int, warmup, 3, "Untimed iterations per size before timing.");
 ABSL_FLAG(std::string, dtype, "float32",
           "Element type: float32, float64, float16, int32, int64.");
-ABSL_FLAG(std::string, ops,
-          "allreduce,allgather,reducescatter,reducescatter_overwrite,broadcast",
+ABSL_FLAG(std::string, ops, "allreduce,allgather,reducescatter,broadcast",
           "Comma-separated collectives to run.");
 ABSL_FLAG(int, root, 0, "Broadcast root.");
 ABSL_FLAG(int, timeout_s, 120, "Timeout of the rendezvous and every call.");
@@ -113,27 +116,16 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// kReduceScatterOverwrite: ReduceScatterOverwritingInput (the input is the
-// working buffer, as in raw Gloo's call); kReduceScatter keeps its input and
-// so copies it first.
-enum class Coll {
-  kAllReduce,
-  kAllGather,
-  kReduceScatter,
-  kReduceScatterOverwrite,
-  kBroadcast
-};
+enum class Coll { kAllReduce, kAllGather, kReduceScatter, kBroadcast };
 
 absl::StatusOr<Coll> ParseColl(absl::string_view name) {
   if (name == "allreduce") return Coll::kAllReduce;
   if (name == "allgather") return Coll::kAllGather;
   if (name == "reducescatter") return Coll::kReduceScatter;
-  if (name == "reducescatter_overwrite") return Coll::kReduceScatterOverwrite;
   if (name == "broadcast") return Coll::kBroadcast;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--ops: unknown collective \"", name,
-                   "\"; known: allreduce, allgather, reducescatter, "
-                   "reducescatter_overwrite, broadcast"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--ops: unknown collective \"", name,
+      "\"; known: allreduce, allgather, reducescatter, broadcast"));
 }
 
 const char* CollName(Coll c) {
@@ -144,8 +136,6 @@ const char* CollName(Coll c) {
       return "AllGather";
     case Coll::kReduceScatter:
       return "ReduceScatter";
-    case Coll::kReduceScatterOverwrite:
-      return "ReduceScatterOverwritingInput";
     case Coll::kBroadcast:
       return "Broadcast";
   }
@@ -159,7 +149,6 @@ double BusFactor(Coll c, int n) {
       return 2.0 * (n - 1) / n;
     case Coll::kAllGather:
     case Coll::kReduceScatter:
-    case Coll::kReduceScatterOverwrite:
       return static_cast<double>(n - 1) / n;
     case Coll::kBroadcast:
       return 1.0;
@@ -370,8 +359,7 @@ struct RowSize {
 
 RowSize SizeFor(Coll c, int64_t bytes, size_t element, int n) {
   RowSize r;
-  if (c == Coll::kAllGather || c == Coll::kReduceScatter ||
-      c == Coll::kReduceScatterOverwrite) {
+  if (c == Coll::kAllGather || c == Coll::kReduceScatter) {
     r.per_rank = bytes / static_cast<int64_t>(element * n);
     r.count = r.per_rank * n;
   } else {
@@ -460,8 +448,7 @@ void MakeSides(Coll c, const RowSize& rs, const Settings& s, Communicator& comm,
       raw.check = [=](int k) { return check(pob, k); };
       return;
     }
-    case Coll::kReduceScatter:
-    case Coll::kReduceScatterOverwrite: {
+    case Coll::kReduceScatter: {
       Tensor in_a = Tensor::Empty({count}, dt);
       Tensor out_a = Tensor::Empty({chunk}, dt);
       Tensor work_b = Tensor::Empty({count}, dt);
@@ -470,10 +457,8 @@ void MakeSides(Coll c, const RowSize& rs, const Settings& s, Communicator& comm,
       T* poa = out_a.data<T>();
       T* pwb = work_b.data<T>();
       ours.prepare = [=](int k) { Fill(pia, count, rank, 0, k); };
-      const bool overwrite = c == Coll::kReduceScatterOverwrite;
-      ours.run = [&comm, in_a, out_a, overwrite]() mutable {
-        return overwrite ? comm.ReduceScatterOverwritingInput(in_a, out_a)
-                         : comm.ReduceScatter(in_a, out_a);
+      ours.run = [&comm, in_a, out_a]() mutable {
+        return comm.ReduceScatter(in_a, out_a);
       };
       ours.check = [=](int k) {
         return CheckSum(poa, chunk, n, rank * chunk, k);
@@ -537,7 +522,8 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
                                  const std::vector<int64_t>& sizes,
                                  Communicator& comm,
                                  const std::shared_ptr<gloo::Context>& ctx,
-                                 std::vector<Violation>& violations) {
+                                 std::vector<Violation>& violations,
+                                 int64_t& raw_wrong) {
   const bool print = s.rank == 0;
   const size_t element = DTypeSize(dtype);
   if (print) {
@@ -549,11 +535,10 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
         "# %10s %12s %8s %6s %4s | %10s %8s %8s %6s | %10s %8s %8s %6s | "
         "%7s %8s\n",
         CollName(c), s.size,
-        c == Coll::kAllReduce   ? "gloo::allreduce (ring)"
-        : c == Coll::kAllGather ? "gloo::allgather (ring)"
-        : c == Coll::kReduceScatter || c == Coll::kReduceScatterOverwrite
-            ? "gloo::ReduceScatterHalvingDoubling"
-            : "gloo::broadcast",
+        c == Coll::kAllReduce       ? "gloo::allreduce (ring)"
+        : c == Coll::kAllGather     ? "gloo::allgather (ring)"
+        : c == Coll::kReduceScatter ? "gloo::ReduceScatterHalvingDoubling"
+                                    : "gloo::broadcast",
         "size", "count", "type", "redop", "root", "time", "algbw", "busbw",
         "#wrong", "raw time", "algbw", "busbw", "#wrong", "ours/", "diff",
         "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)",
@@ -578,7 +563,8 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
     ASSIGN_OR_RETURN(auto result, Measure(comm, s, ours, raw));
     const Result& a = result.first;
     const Result& b = result.second;
-    total_wrong += a.wrong + b.wrong;
+    total_wrong += a.wrong;
+    raw_wrong += b.wrong;
     const double row_bytes = static_cast<double>(rs.count * element);
     const double factor = BusFactor(c, s.size);
     const double algbw_a = row_bytes / a.us / 1e3;  // bytes/us/1e3 = GB/s
@@ -596,8 +582,7 @@ absl::StatusOr<int64_t> RunTable(Coll c, DType dtype, const Settings& s,
                        "  %10d %12d %8s %6s %4s | %10.1f %8.3f %8.3f %6d | "
                        "%10.1f %8.3f %8.3f %6d | %7.3f %+8.1f\n",
                        rb, rs.count, DTypeName(dtype),
-                       (c == Coll::kAllReduce || c == Coll::kReduceScatter ||
-                        c == Coll::kReduceScatterOverwrite)
+                       (c == Coll::kAllReduce || c == Coll::kReduceScatter)
                            ? "sum"
                            : "none",
                        c == Coll::kBroadcast ? absl::StrCat(s.root) : "-1",
@@ -615,7 +600,7 @@ std::vector<int64_t> Sizes(int64_t minbytes, int64_t maxbytes, int factor) {
   return sizes;
 }
 
-// Returns the number of wrong elements (0 on success).
+// Returns the number of wrong elements of ours (0 on success).
 absl::StatusOr<int64_t> Run() {
   Settings s;
   s.warmup = absl::GetFlag(FLAGS_warmup);
@@ -707,11 +692,11 @@ absl::StatusOr<int64_t> Run() {
   }
   const std::vector<int64_t> sizes = Sizes(minbytes, maxbytes, factor);
   std::vector<Violation> violations;
-  int64_t wrong = 0;
+  int64_t wrong = 0, raw_wrong = 0;
   const Clock::time_point start = Clock::now();
   for (Coll c : colls) {
-    ASSIGN_OR_RETURN(int64_t w,
-                     RunTable(c, dtype, s, sizes, comm, ctx, violations));
+    ASSIGN_OR_RETURN(int64_t w, RunTable(c, dtype, s, sizes, comm, ctx,
+                                         violations, raw_wrong));
     wrong += w;
   }
   const double seconds =
@@ -719,6 +704,13 @@ absl::StatusOr<int64_t> Run() {
   if (s.rank == 0) {
     std::cout << absl::StrFormat("#\n# Out of bounds values : %d %s\n", wrong,
                                  wrong == 0 ? "OK" : "FAILED");
+    if (raw_wrong > 0) {
+      // Not ours: Gloo's ReduceScatterHalvingDoubling overwrites data it is
+      // still sending (BENCHMARKS.md); reported, not fatal.
+      std::cout << absl::StrFormat(
+          "# Raw Gloo's wrong values : %d (the reference's, not ours)\n",
+          raw_wrong);
+    }
     std::cout << "# Performance goal (ours <= 1.05 x raw at >= 64 KB, "
                  "<= raw + 10 us below): ";
     if (violations.empty()) {

@@ -71,7 +71,7 @@
 // Bumped whenever BackendContext, BackendFactory, Communicator, Tensor or
 // TpPluginApi change in a way that breaks a plugin built against the old
 // headers.
-#define TP_PLUGIN_ABI_VERSION 2
+#define TP_PLUGIN_ABI_VERSION 1
 
 extern "C" {
 

@@ -69,16 +69,6 @@ class Communicator {
   // along dim 0; in.dim(0) == size() * out.dim(0).
   virtual absl::Status ReduceScatter(const Tensor& in, Tensor& out,
                                      ReduceOp op = ReduceOp::kSum) = 0;
-  // ReduceScatter that may use `in` as its working buffer: on return `out` is
-  // as above and the contents of `in` (and of every tensor sharing its
-  // storage) are unspecified. For an input that is dead after the call (the
-  // partial sums of a sequence-parallel layer), this saves the copy that a
-  // backend whose algorithm reduces in place (gloo) must otherwise make. The
-  // default calls ReduceScatter.
-  virtual absl::Status ReduceScatterOverwritingInput(
-      Tensor& in, Tensor& out, ReduceOp op = ReduceOp::kSum) {
-    return ReduceScatter(in, out, op);
-  }
   // Returns when every rank has entered the barrier.
   virtual absl::Status Barrier() = 0;
   // Point-to-point: sends `t` to rank `dst`, which posts a matching Recv with

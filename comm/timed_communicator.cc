@@ -97,14 +97,6 @@ absl::Status TimedCommunicator::ReduceScatter(const Tensor& in, Tensor& out,
                [&] { return inner_.ReduceScatter(in, out, op); });
 }
 
-absl::Status TimedCommunicator::ReduceScatterOverwritingInput(Tensor& in,
-                                                              Tensor& out,
-                                                              ReduceOp op) {
-  return Timed(CommOp::kReduceScatter, Bytes(out), [&] {
-    return inner_.ReduceScatterOverwritingInput(in, out, op);
-  });
-}
-
 absl::Status TimedCommunicator::Barrier() {
   return Timed(CommOp::kBarrier, 0, [&] { return inner_.Barrier(); });
 }

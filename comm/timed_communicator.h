@@ -90,9 +90,6 @@ class TimedCommunicator final : public Communicator {
   absl::Status AllGather(const Tensor& in, Tensor& out) override;
   absl::Status ReduceScatter(const Tensor& in, Tensor& out,
                              ReduceOp op = ReduceOp::kSum) override;
-  // Counted as kReduceScatter.
-  absl::Status ReduceScatterOverwritingInput(
-      Tensor& in, Tensor& out, ReduceOp op = ReduceOp::kSum) override;
   absl::Status Barrier() override;
   absl::Status Send(const Tensor& t, int dst) override;
   absl::Status Recv(Tensor& t, int src) override;

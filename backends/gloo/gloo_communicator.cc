@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "glog/logging.h"
 #include "gloo/allgather.h"
 #include "gloo/allreduce.h"
 #include "gloo/barrier.h"
@@ -28,13 +29,11 @@
 #include "gloo/common/error.h"
 #include "gloo/common/logging.h"
 #include "gloo/math.h"
-#include "gloo/reduce_scatter.h"
 #include "gloo/rendezvous/context.h"
 #include "gloo/rendezvous/store.h"
 #include "gloo/transport/tcp/device.h"
 #include "gloo/transport/unbound_buffer.h"
 #include "gloo/types.h"
-#include "glog/logging.h"
 #include "runtime/status_macros.h"
 
 namespace tp {
@@ -52,13 +51,13 @@ constexpr int64_t kEnvelopeMagic = 0x7470676c6f6f0001;
 // Every field is an int64 so that the header has one layout on every rank.
 struct GlooCommunicator::Envelope {
   int64_t magic = kEnvelopeMagic;
-  int64_t call = 0;         // collective: call number; Send/Recv: message
-                            // number between the two ranks
-  int64_t kind = 0;         // OpKind
-  int64_t dtype = -1;       // DType, or -1
-  int64_t reduce_op = -1;   // ReduceOp, or -1
-  int64_t root = -1;        // Broadcast root; Send/Recv: the sender
-  int64_t peer = -1;        // Send/Recv: the receiver
+  int64_t call = 0;        // collective: call number; Send/Recv: message
+                           // number between the two ranks
+  int64_t kind = 0;        // OpKind
+  int64_t dtype = -1;      // DType, or -1
+  int64_t reduce_op = -1;  // ReduceOp, or -1
+  int64_t root = -1;       // Broadcast root; Send/Recv: the sender
+  int64_t peer = -1;       // Send/Recv: the receiver
   int64_t numel = -1;
   int64_t ndim = -1;
   int64_t error_bytes = 0;  // > 0: the payload holds this rank's error text
@@ -72,7 +71,8 @@ namespace {
 using Envelope = GlooCommunicator::Envelope;
 
 constexpr size_t kHeaderBytes = sizeof(Envelope);
-static_assert(kHeaderBytes == 192, "the envelope header is part of the wire format");
+static_assert(kHeaderBytes == 192,
+              "the envelope header is part of the wire format");
 static_assert(kGlooInlineBytes % 8 == 0, "payload must keep 8-byte alignment");
 constexpr size_t kEnvelopeBytes = kHeaderBytes + kGlooInlineBytes;
 constexpr size_t kEnvelopeWords = kEnvelopeBytes / sizeof(uint64_t);
@@ -90,6 +90,9 @@ constexpr absl::Duration kMaxGoodbyeWait = absl::Seconds(60);
 // Send/Recv slots: prefix 0x40 is not used by Gloo (its collectives use
 // 0x01-0x08); bits 24..55 hold the message number between the two ranks.
 constexpr uint64_t kP2PSlotPrefix = 0x40;
+// The ring reduce-scatter's slots: prefix 0x41, the call's fingerprint tag in
+// bits 24..55, the step below.
+constexpr uint64_t kRingSlotPrefix = 0x41;
 
 enum class OpKind : int64_t {
   kAllReduce = 1,
@@ -144,7 +147,8 @@ class GlooStoreAdapter : public gloo::rendezvous::Store {
       : store_(store), size_(size), deadline_(deadline), timeout_(timeout) {}
 
   void set(const std::string& key, const std::vector<char>& data) override {
-    absl::Status s = store_.Set(Key(key), absl::string_view(data.data(), data.size()));
+    absl::Status s =
+        store_.Set(Key(key), absl::string_view(data.data(), data.size()));
     if (!s.ok()) throw StoreFailure(std::move(s));
   }
 
@@ -154,9 +158,7 @@ class GlooStoreAdapter : public gloo::rendezvous::Store {
     return std::vector<char>(v->begin(), v->end());
   }
 
-  void wait(const std::vector<std::string>& keys) override {
-    WaitFor(keys);
-  }
+  void wait(const std::vector<std::string>& keys) override { WaitFor(keys); }
 
   void wait(const std::vector<std::string>& keys,
             const std::chrono::milliseconds& /*timeout*/) override {
@@ -197,8 +199,8 @@ class GlooStoreAdapter : public gloo::rendezvous::Store {
     if (missing.empty()) missing = keys;
     return absl::DeadlineExceededError(absl::StrCat(
         "gloo rendezvous: rank", missing.size() > 1 ? "s " : " ",
-        absl::StrJoin(missing, ", "), " of ", size_,
-        " did not join within ", absl::FormatDuration(timeout_),
+        absl::StrJoin(missing, ", "), " of ", size_, " did not join within ",
+        absl::FormatDuration(timeout_),
         " (store keys under \"gloo/\" missing; ", s.message(), ")"));
   }
 
@@ -268,11 +270,6 @@ void Bf16Reduce(void* c_, const void* a_, const void* b_, size_t n) {
   }
 }
 
-template <typename Op>
-void Bf16ReduceInPlace(BFloat16* a, const BFloat16* b, size_t n) {
-  Bf16Reduce<Op>(a, a, b, n);
-}
-
 template <typename G>
 RawReduceFn RawReduce(ReduceOp op) {
   switch (op) {
@@ -303,45 +300,6 @@ RawReduceFn RawReduce<BFloat16>(ReduceOp op) {
       return &Bf16Reduce<MinOp>;
   }
   return &Bf16Reduce<AddOp>;
-}
-
-// The typed reduction objects of Gloo's legacy algorithms.
-template <typename G>
-const gloo::ReductionFunction<G>* TypedReduce(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:
-      return gloo::ReductionFunction<G>::sum;
-    case ReduceOp::kProduct:
-      return gloo::ReductionFunction<G>::product;
-    case ReduceOp::kMax:
-      return gloo::ReductionFunction<G>::max;
-    case ReduceOp::kMin:
-      return gloo::ReductionFunction<G>::min;
-  }
-  return gloo::ReductionFunction<G>::sum;
-}
-
-template <>
-const gloo::ReductionFunction<BFloat16>* TypedReduce<BFloat16>(ReduceOp op) {
-  using F = gloo::ReductionFunction<BFloat16>;
-  static const F* const kSum = new F(gloo::CUSTOM, &Bf16ReduceInPlace<AddOp>);
-  static const F* const kProduct =
-      new F(gloo::CUSTOM, &Bf16ReduceInPlace<MulOp>);
-  static const F* const kMax = new F(gloo::CUSTOM, &Bf16ReduceInPlace<MaxOp>);
-  static const F* const kMin = new F(gloo::CUSTOM, &Bf16ReduceInPlace<MinOp>);
-  switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:
-      return kSum;
-    case ReduceOp::kProduct:
-      return kProduct;
-    case ReduceOp::kMax:
-      return kMax;
-    case ReduceOp::kMin:
-      return kMin;
-  }
-  return kSum;
 }
 
 // kAvg's division: rounded by the type's own division (toward zero for
@@ -383,50 +341,6 @@ void ReduceInRankOrder(DType dtype, ReduceOp op, int n, int64_t count,
   });
 }
 
-// Gloo's reduce-scatter returns from run() without waiting for some of its
-// sends (the notifications, and the data a smaller binary block sends to a
-// larger one): its legacy algorithms are meant to be built once and run
-// many times. Destroying it right away would free buffers that the
-// transport still writes from, and closing the group could cut a peer off
-// before that data is out. This subclass waits for exactly the sends run()
-// issued (the conditions mirror run() in gloo/reduce_scatter.h).
-template <typename T>
-class DrainingReduceScatter : public gloo::ReduceScatterHalvingDoubling<T> {
- public:
-  template <typename... Args>
-  explicit DrainingReduceScatter(Args&&... args)
-      : gloo::ReduceScatterHalvingDoubling<T>(std::forward<Args>(args)...) {
-    // The algorithm sends and receives its notifications through one int
-    // whose value nobody reads: the transport writes it while another send
-    // reads it (a harmless race ThreadSanitizer would report).
-    ABSL_ANNOTATE_BENIGN_RACE_SIZED(&this->dummy_, sizeof(this->dummy_),
-                                    "Gloo reduce-scatter notification int");
-  }
-
-  void RunAndWaitForSends() {
-    this->run();
-    if (this->contextSize_ == 1) return;
-    for (uint32_t i = 0; i < this->stepsWithinBlock_; ++i) {
-      if (this->sendOffsets_[i] < static_cast<size_t>(this->count_)) {
-        this->sendDataBufs_[i]->waitSend();
-      }
-    }
-    const size_t total_items_to_send =
-        this->stepsWithinBlock_ > 0
-            ? this->recvCounts_[this->stepsWithinBlock_ - 1]
-            : static_cast<size_t>(this->count_);
-    if (this->nextLargerBlockSize_ != 0 && total_items_to_send != 0) {
-      for (size_t i = 0; i < this->largerBlockSendDataBufs_.size(); ++i) {
-        if (this->sendCountToLargerBlock_ * i < total_items_to_send) {
-          this->largerBlockSendDataBufs_[i]->waitSend();
-        }
-      }
-    }
-    for (auto& buffer : this->distSendDataBufs_) buffer->waitSend();
-    for (auto& buffer : this->sendNotificationBufs_) buffer->waitSend();
-  }
-};
-
 // ---- Validation and messages ----
 
 absl::Status ValidateTensor(const Tensor& t, absl::string_view op,
@@ -436,14 +350,14 @@ absl::Status ValidateTensor(const Tensor& t, absl::string_view op,
         absl::StrCat(op, ": `", name, "` is an undefined tensor"));
   }
   if (!t.device().is_cpu()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": `", name, "` is on ", t.device().ToString(),
-        "; the gloo backend moves CPU tensors only"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": `", name, "` is on ", t.device().ToString(),
+                     "; the gloo backend moves CPU tensors only"));
   }
   if (!t.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": `", name, "` ", ShapeToString(t.shape()),
-        " is not contiguous; pass t.Contiguous()"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": `", name, "` ", ShapeToString(t.shape()),
+                     " is not contiguous; pass t.Contiguous()"));
   }
   return absl::OkStatus();
 }
@@ -454,9 +368,9 @@ absl::Status ValidateSplit(const Tensor& whole, absl::string_view whole_name,
                            const Tensor& piece, absl::string_view piece_name,
                            int size, absl::string_view op) {
   if (whole.dtype() != piece.dtype()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": `", whole_name, "` is ", DTypeName(whole.dtype()), " but `",
-        piece_name, "` is ", DTypeName(piece.dtype())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": `", whole_name, "` is ", DTypeName(whole.dtype()),
+                     " but `", piece_name, "` is ", DTypeName(piece.dtype())));
   }
   if (piece.ndim() == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -532,7 +446,8 @@ std::string Describe(const Envelope& h) {
         absl::StrCat(DTypeName(static_cast<DType>(h.dtype)), " ", shape));
   }
   if (h.reduce_op >= 0) {
-    parts.push_back(std::string(ReduceOpName(static_cast<ReduceOp>(h.reduce_op))));
+    parts.push_back(
+        std::string(ReduceOpName(static_cast<ReduceOp>(h.reduce_op))));
   }
   const auto kind = static_cast<OpKind>(h.kind);
   if (kind == OpKind::kSend || kind == OpKind::kRecv) {
@@ -601,9 +516,9 @@ absl::StatusOr<std::string> LocalAddressToward(const std::string& master_addr) {
   }
   struct sockaddr_storage local;
   socklen_t len = sizeof(local);
-  const bool ok = connect(fd, result->ai_addr, result->ai_addrlen) == 0 &&
-                  getsockname(fd, reinterpret_cast<struct sockaddr*>(&local),
-                              &len) == 0;
+  const bool ok =
+      connect(fd, result->ai_addr, result->ai_addrlen) == 0 &&
+      getsockname(fd, reinterpret_cast<struct sockaddr*>(&local), &len) == 0;
   const int err = errno;
   close(fd);
   if (!ok) {
@@ -728,12 +643,13 @@ GlooCommunicator::~GlooCommunicator() {
       // returned from its last call before anyone closes.
       gloo::BarrierOptions opts(context_);
       opts.setTag(kGoodbyeTag);
-      opts.setTimeout(std::chrono::milliseconds(absl::ToInt64Milliseconds(
-          std::min(timeout_, kMaxGoodbyeWait))));
+      opts.setTimeout(std::chrono::milliseconds(
+          absl::ToInt64Milliseconds(std::min(timeout_, kMaxGoodbyeWait))));
       gloo::barrier(opts);
     }
   } catch (const std::exception& e) {
-    VLOG(1) << "gloo: rank " << rank_ << " left without its peers: " << e.what();
+    VLOG(1) << "gloo: rank " << rank_
+            << " left without its peers: " << e.what();
   }
   try {
     context_.reset();
@@ -778,14 +694,13 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
   if (ctx.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("gloo: the timeout must be positive");
   }
-  std::unique_ptr<GlooCommunicator> comm(
-      new GlooCommunicator(ctx.rank, ctx.size, ctx.timeout, options,
-                           std::string(name)));
+  std::unique_ptr<GlooCommunicator> comm(new GlooCommunicator(
+      ctx.rank, ctx.size, ctx.timeout, options, std::string(name)));
   if (ctx.size == 1) return comm;
   IgnoreSigpipeOnce();
   if (ctx.store == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gloo: a store is required for a group of ", ctx.size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gloo: a store is required for a group of ", ctx.size));
   }
 
   std::string address;
@@ -807,11 +722,12 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(
     try {
       comm->device_ = gloo::transport::tcp::CreateDevice(attr);
     } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gloo: cannot bind the TCP transport to ",
-          options.iface.empty() ? absl::StrCat("address \"", address, "\"")
-                                : absl::StrCat("interface \"", options.iface, "\""),
-          ": ", e.what()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("gloo: cannot bind the TCP transport to ",
+                       options.iface.empty()
+                           ? absl::StrCat("address \"", address, "\"")
+                           : absl::StrCat("interface \"", options.iface, "\""),
+                       ": ", e.what()));
     }
     comm->bound_address_ = options.iface.empty() ? address : options.iface;
     auto context =
@@ -851,9 +767,9 @@ absl::Status GlooCommunicator::Handshake(absl::Time deadline) {
   }
   for (int r = 0; r < size_; ++r) {
     if (all[3 * r] != mine[0] || all[3 * r + 2] != mine[2]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gloo rendezvous on rank ", rank_, ": rank ", r,
-          " runs an incompatible build of the gloo backend"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("gloo rendezvous on rank ", rank_, ": rank ", r,
+                       " runs an incompatible build of the gloo backend"));
     }
     if (all[3 * r + 1] != mine[1]) {
       const int64_t theirs = all[3 * r + 1];
@@ -900,8 +816,8 @@ absl::Status GlooCommunicator::CheckUsable(absl::string_view what) const {
 }
 
 const char* GlooCommunicator::PeerPayload(int r) const {
-  return reinterpret_cast<const char*>(envelope_in_.data() +
-                                       static_cast<size_t>(r) * kEnvelopeWords) +
+  return reinterpret_cast<const char*>(
+             envelope_in_.data() + static_cast<size_t>(r) * kEnvelopeWords) +
          kHeaderBytes;
 }
 
@@ -957,14 +873,15 @@ absl::Status GlooCommunicator::ExchangeEnvelopes(
     const uint64_t* env = envelope_in_.data() + r * kEnvelopeWords;
     headers[r] = ReadHeader(env);
     if (headers[r].error_bytes > 0) {
-      errors.push_back(absl::StrCat("rank ", r, ": ", ErrorText(headers[r], env)));
+      errors.push_back(
+          absl::StrCat("rank ", r, ": ", ErrorText(headers[r], env)));
     }
   }
   if (!errors.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gloo ", what, " on rank ", rank_, ": ",
-        errors.size() == 1 ? "a rank" : "ranks",
-        " rejected the arguments: ", absl::StrJoin(errors, "; ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gloo ", what, " on rank ", rank_, ": ",
+                     errors.size() == 1 ? "a rank" : "ranks",
+                     " rejected the arguments: ", absl::StrJoin(errors, "; ")));
   }
   bool same = true;
   for (int r = 1; r < size_ && same; ++r) {
@@ -1004,7 +921,7 @@ int64_t GlooCommunicator::envelope_exchanges() const {
 
 namespace {
 
-// How many AllReduce/AllGather/Broadcast signatures a group remembers.
+// How many verified signatures a group remembers.
 constexpr size_t kMaxVerified = 64;
 // Tags below this are the backend's own (envelope, handshake, goodbye).
 constexpr uint32_t kFirstDataTag = 16;
@@ -1024,11 +941,7 @@ Envelope Signature(const Envelope& h) {
 
 bool GlooCommunicator::IsVerified(const Envelope& h) const {
   const Envelope sig = Signature(h);
-  const std::vector<Envelope>& list =
-      h.kind == static_cast<int64_t>(OpKind::kReduceScatter)
-          ? verified_reduce_scatter_
-          : verified_;
-  for (const Envelope& v : list) {
+  for (const Envelope& v : verified_) {
     if (SameCall(v, sig, /*p2p=*/false)) return true;
   }
   return false;
@@ -1036,15 +949,8 @@ bool GlooCommunicator::IsVerified(const Envelope& h) const {
 
 void GlooCommunicator::RememberVerified(const Envelope& h) {
   if (IsVerified(h)) return;
-  const Envelope sig = Signature(h);
-  if (h.kind == static_cast<int64_t>(OpKind::kReduceScatter)) {
-    // One entry only: the Gloo algorithm takes no tag, so two ranks that both
-    // skip the exchange must be sure to run the same call.
-    verified_reduce_scatter_.assign(1, sig);
-    return;
-  }
   if (verified_.size() == kMaxVerified) verified_.erase(verified_.begin());
-  verified_.push_back(sig);
+  verified_.push_back(Signature(h));
 }
 
 uint32_t GlooCommunicator::DataTag(const Envelope& h) {
@@ -1082,9 +988,9 @@ absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
   }
   *exchanged = true;
   ++envelope_exchanges_;
-  const absl::Status agreed = ExchangeEnvelopes(
-      h, local, inline_data ? payload : nullptr, inline_data ? payload_bytes : 0,
-      deadline);
+  const absl::Status agreed =
+      ExchangeEnvelopes(h, local, inline_data ? payload : nullptr,
+                        inline_data ? payload_bytes : 0, deadline);
   if (agreed.code() == absl::StatusCode::kDeadlineExceeded ||
       agreed.code() == absl::StatusCode::kUnavailable) {
     return Diagnose(h, agreed);
@@ -1120,14 +1026,15 @@ absl::Status GlooCommunicator::Diagnose(const Envelope& h,
   // first: Gloo closes every connection of a rank whose wait times out, and
   // that peer posts right after. A dead peer never posts; the wait is
   // bounded.
-  const absl::Time until =
-      absl::Now() + std::min(timeout_, kMaxDiagnosisWait);
-  std::vector<std::pair<std::string, std::vector<int>>> groups = {{mine, {rank_}}};
+  const absl::Time until = absl::Now() + std::min(timeout_, kMaxDiagnosisWait);
+  std::vector<std::pair<std::string, std::vector<int>>> groups = {
+      {mine, {rank_}}};
   std::vector<int> missing;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
-    absl::StatusOr<std::string> theirs = store_->Get(
-        absl::StrCat(prefix, r), std::max(until - absl::Now(), absl::Milliseconds(1)));
+    absl::StatusOr<std::string> theirs =
+        store_->Get(absl::StrCat(prefix, r),
+                    std::max(until - absl::Now(), absl::Milliseconds(1)));
     if (!theirs.ok()) {
       missing.push_back(r);
       continue;
@@ -1163,16 +1070,17 @@ absl::Status GlooCommunicator::Diagnose(const Envelope& h,
         "with the same shapes and dtypes"));
   } else if (!missing.empty() &&
              error.code() == absl::StatusCode::kDeadlineExceeded) {
-    broken_ = absl::DeadlineExceededError(absl::StrCat(
-        error.message(), "; rank(s) ", absl::StrJoin(missing, ", "),
-        " did not reach ", mine));
+    broken_ = absl::DeadlineExceededError(
+        absl::StrCat(error.message(), "; rank(s) ",
+                     absl::StrJoin(missing, ", "), " did not reach ", mine));
   }
   return broken_;
 }
 
-absl::Status GlooCommunicator::ExchangeP2PHeaders(
-    bool is_sender, int peer, uint32_t seq, const Tensor& t,
-    const absl::Status& local, absl::Time deadline) {
+absl::Status GlooCommunicator::ExchangeP2PHeaders(bool is_sender, int peer,
+                                                  uint32_t seq, const Tensor& t,
+                                                  const absl::Status& local,
+                                                  absl::Time deadline) {
   const int src = is_sender ? rank_ : peer;
   const int dst = is_sender ? peer : rank_;
   const char* what = is_sender ? "Send" : "Recv";
@@ -1186,19 +1094,19 @@ absl::Status GlooCommunicator::ExchangeP2PHeaders(
                inline_data ? t.nbytes() : 0, envelope_out_.data());
   bool received = true;
   RETURN_IF_ERROR(Guarded(what, [&] {
-    auto out = context_->createUnboundBuffer(envelope_out_.data(),
-                                             kEnvelopeBytes);
-    auto in = context_->createUnboundBuffer(envelope_in_.data(),
-                                            kEnvelopeBytes);
+    auto out =
+        context_->createUnboundBuffer(envelope_out_.data(), kEnvelopeBytes);
+    auto in =
+        context_->createUnboundBuffer(envelope_in_.data(), kEnvelopeBytes);
     out->send(peer, P2PSlot(seq, src, dst, is_sender ? 0 : 1));
     in->recv(peer, P2PSlot(seq, src, dst, is_sender ? 1 : 0));
     received = in->waitRecv(Remaining(deadline));
     if (received) received = out->waitSend(Remaining(deadline));
   }));
   if (!received) {
-    broken_ = absl::InternalError(absl::StrCat(
-        "gloo ", what, " on rank ", rank_, ": the header exchange with rank ",
-        peer, " was aborted"));
+    broken_ = absl::InternalError(
+        absl::StrCat("gloo ", what, " on rank ", rank_,
+                     ": the header exchange with rank ", peer, " was aborted"));
     return broken_;
   }
   const Envelope theirs = ReadHeader(envelope_in_.data());
@@ -1216,11 +1124,11 @@ absl::Status GlooCommunicator::ExchangeP2PHeaders(
                      ": rejected arguments: ", absl::StrJoin(errors, "; ")));
   }
   if (!SameCall(h, theirs, /*p2p=*/true)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gloo ", what, " on rank ", rank_, ": rank ", src, " called ",
-        Describe(is_sender ? h : theirs), " but rank ", dst, " called ",
-        Describe(is_sender ? theirs : h),
-        "; a Recv must match its Send in shape and dtype"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gloo ", what, " on rank ", rank_, ": rank ", src,
+                     " called ", Describe(is_sender ? h : theirs), " but rank ",
+                     dst, " called ", Describe(is_sender ? theirs : h),
+                     "; a Recv must match its Send in shape and dtype"));
   }
   return absl::OkStatus();
 }
@@ -1241,8 +1149,8 @@ absl::Status GlooCommunicator::AllReduceLocked(Tensor& t, ReduceOp op) {
   const bool inline_data = local.ok() && nbytes <= kGlooInlineBytes;
   Envelope h = MakeHeader(OpKind::kAllReduce, &t, static_cast<int64_t>(op), -1);
   bool exchanged = false;
-  RETURN_IF_ERROR(Agree(h, local, inline_data, t.raw_data(), nbytes, deadline,
-                        &exchanged));
+  RETURN_IF_ERROR(
+      Agree(h, local, inline_data, t.raw_data(), nbytes, deadline, &exchanged));
   if (t.numel() == 0) return absl::OkStatus();
   if (exchanged && inline_data) {
     ReduceInRankOrder(t.dtype(), op, size_, t.numel(), t.raw_data(),
@@ -1320,7 +1228,8 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
   const absl::Time deadline = absl::Now() + timeout_;
   absl::Status local = ValidateTensor(in, "AllGather", "in");
   if (local.ok()) local = ValidateTensor(out, "AllGather", "out");
-  if (local.ok()) local = ValidateSplit(out, "out", in, "in", size_, "AllGather");
+  if (local.ok())
+    local = ValidateSplit(out, "out", in, "in", size_, "AllGather");
   if (size_ == 1) {
     RETURN_IF_ERROR(local);
     return out.CopyFrom(in);
@@ -1357,23 +1266,76 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
   });
 }
 
+// A ring reduce-scatter on Gloo's unbound buffers. Gloo's own
+// ReduceScatterHalvingDoubling returns wrong elements for large messages (it
+// overwrites the front of its buffer while its own send of that region may
+// still be in flight: BENCHMARKS.md, "ReduceScatter: wrong results"), so the
+// backend moves the data itself, with the bandwidth-optimal ring: n - 1
+// steps; in step k rank r sends the running sum of chunk (r - 1 - k) mod n to
+// rank r + 1 and receives that of chunk (r - 2 - k) mod n from rank r - 1,
+// adding its own input's piece. After the last step rank r holds chunk r
+// summed over all ranks (in the order r + 1, r + 2, ..., r). `in` is only
+// read; the running sums live in two chunk-sized buffers kept between calls.
+// Throws what Gloo throws (the caller converts it).
+void GlooCommunicator::RingReduceScatter(const Tensor& in, Tensor& out,
+                                         ReduceOp op, uint32_t tag,
+                                         absl::Time deadline) {
+  const size_t chunk_bytes = out.nbytes();
+  const int next = (rank_ + 1) % size_;
+  const int prev = (rank_ + size_ - 1) % size_;
+  const char* input = static_cast<const char*>(in.raw_data());
+  auto piece = [&](int chunk) {
+    return input +
+           static_cast<size_t>((chunk % size_ + size_) % size_) * chunk_bytes;
+  };
+  const size_t words = (chunk_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
+  if (scratch_.size() < 2 * words) {
+    scratch_ = std::vector<uint64_t>();  // free the old one before growing
+    scratch_.resize(2 * words);
+  }
+  char* buffers[2] = {reinterpret_cast<char*>(scratch_.data()),
+                      reinterpret_cast<char*>(scratch_.data() + words)};
+  DispatchGlooType(in.dtype(), [&](auto type) {
+    using G = decltype(type);
+    const RawReduceFn reduce = RawReduce<G>(op);
+    const size_t count = chunk_bytes / sizeof(G);
+    // Step 0 sends straight from the input.
+    char* sending = const_cast<char*>(piece(rank_ - 1));
+    for (int step = 0; step < size_ - 1; ++step) {
+      char* receiving = buffers[step % 2];
+      const uint64_t slot = (kRingSlotPrefix << 56) |
+                            (static_cast<uint64_t>(tag) << 24) |
+                            static_cast<uint64_t>(step);
+      auto send = context_->createUnboundBuffer(sending, chunk_bytes);
+      auto recv = context_->createUnboundBuffer(receiving, chunk_bytes);
+      recv->recv(prev, slot);
+      send->send(next, slot);
+      if (!recv->waitRecv(Remaining(deadline)) ||
+          !send->waitSend(Remaining(deadline))) {
+        throw std::runtime_error("the ring reduce-scatter was aborted");
+      }
+      const char* own = piece(rank_ - 2 - step);
+      if (step == size_ - 2 && !out.SharesStorageWith(in)) {
+        reduce(out.raw_data(), receiving, own, count);
+      } else if (step == size_ - 2) {
+        reduce(receiving, receiving, own, count);  // `out` may overlap `in`
+        std::memmove(out.raw_data(), receiving, chunk_bytes);
+      } else {
+        reduce(receiving, receiving, own, count);
+        sending = receiving;
+      }
+    }
+  });
+}
+
 absl::Status GlooCommunicator::ReduceScatter(const Tensor& in, Tensor& out,
                                              ReduceOp op) {
   absl::MutexLock lock(&mu_);
-  return ReduceScatterLocked(in, out, op, /*work=*/nullptr);
-}
-
-absl::Status GlooCommunicator::ReduceScatterOverwritingInput(Tensor& in,
-                                                             Tensor& out,
-                                                             ReduceOp op) {
-  absl::MutexLock lock(&mu_);
-  return ReduceScatterLocked(in, out, op,
-                             in.defined() ? in.raw_data() : nullptr);
+  return ReduceScatterLocked(in, out, op);
 }
 
 absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
-                                                   Tensor& out, ReduceOp op,
-                                                   void* work) {
+                                                   Tensor& out, ReduceOp op) {
   RETURN_IF_ERROR(CheckUsable("ReduceScatter"));
   const absl::Time deadline = absl::Now() + timeout_;
   absl::Status local = ValidateTensor(in, "ReduceScatter", "in");
@@ -1395,50 +1357,14 @@ absl::Status GlooCommunicator::ReduceScatterLocked(const Tensor& in,
                         deadline, &exchanged));
   if (in.numel() == 0) return absl::OkStatus();
   if (exchanged && inline_data) {
-    ReduceInRankOrder(in.dtype(), op, size_, out.numel(), out.raw_data(),
-                      [&](int r) { return PeerPayload(r) + rank_ * chunk_bytes; });
+    ReduceInRankOrder(
+        in.dtype(), op, size_, out.numel(), out.raw_data(),
+        [&](int r) { return PeerPayload(r) + rank_ * chunk_bytes; });
     if (op == ReduceOp::kAvg) DivideBySize(out, size_);
     return absl::OkStatus();
   }
-  // Gloo's reduce-scatter works in place on its input: unless the caller
-  // lets it overwrite `in`, reduce a copy, in a buffer kept between calls
-  // (8-byte words keep every dtype aligned).
-  if (work == nullptr) {
-    const size_t words = (in_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
-    if (scratch_.size() < words) {
-      scratch_ = std::vector<uint64_t>();  // free the old one before growing
-      scratch_.resize(words);
-    }
-    std::memcpy(scratch_.data(), in.raw_data(), in_bytes);
-    work = scratch_.data();
-  }
-  RETURN_IF_ERROR(GuardedData(h, [&] {
-    DispatchGlooType(in.dtype(), [&](auto tag) {
-      using G = decltype(tag);
-      G* ptr = static_cast<G*>(work);
-      if (in_bytes <= static_cast<size_t>(INT_MAX)) {
-        // ReduceScatterHalvingDoubling counts elements and bytes in int.
-        std::vector<int> counts(size_, static_cast<int>(out.numel()));
-        DrainingReduceScatter<G> algorithm(
-            context_, std::vector<G*>{ptr}, static_cast<int>(in.numel()),
-            counts, TypedReduce<G>(op));
-        algorithm.RunAndWaitForSends();
-        // memmove: `out` may be a view of an overwritable `in`.
-        std::memmove(out.raw_data(), ptr, chunk_bytes);
-      } else {
-        // Beyond 2 GiB: all-reduce the copy and keep this rank's chunk.
-        gloo::AllreduceOptions opts(context_);
-        opts.setOutput<G>(ptr, static_cast<size_t>(in.numel()));
-        opts.setReduceFunction(RawReduce<G>(op));
-        opts.setTag(DataTag(h));
-        opts.setTimeout(Remaining(deadline));
-        gloo::allreduce(opts);
-        std::memmove(out.raw_data(),
-                     reinterpret_cast<const char*>(ptr) + rank_ * chunk_bytes,
-                     chunk_bytes);
-      }
-    });
-  }));
+  RETURN_IF_ERROR(GuardedData(
+      h, [&] { RingReduceScatter(in, out, op, DataTag(h), deadline); }));
   if (op == ReduceOp::kAvg) DivideBySize(out, size_);
   return absl::OkStatus();
 }
@@ -1473,16 +1399,16 @@ absl::Status GlooCommunicator::Send(const Tensor& t, int dst) {
 absl::Status GlooCommunicator::SendLocked(const Tensor& t, int dst) {
   RETURN_IF_ERROR(CheckUsable("Send"));
   if (dst < 0 || dst >= size_ || dst == rank_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gloo Send on rank ", rank_, ": destination ", dst,
-        " must be another rank in [0, ", size_, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gloo Send on rank ", rank_, ": destination ", dst,
+                     " must be another rank in [0, ", size_, ")"));
   }
   const absl::Time deadline = absl::Now() + timeout_;
   const absl::Status local = ValidateTensor(t, "Send", "t");
   const uint32_t seq = sent_[dst]++;
   if (options_.check_consistency != ConsistencyCheck::kOff) {
-    RETURN_IF_ERROR(ExchangeP2PHeaders(/*is_sender=*/true, dst, seq, t, local,
-                                       deadline));
+    RETURN_IF_ERROR(
+        ExchangeP2PHeaders(/*is_sender=*/true, dst, seq, t, local, deadline));
     if (t.nbytes() <= kGlooInlineBytes) return absl::OkStatus();
   } else {
     RETURN_IF_ERROR(local);
@@ -1510,16 +1436,16 @@ absl::Status GlooCommunicator::Recv(Tensor& t, int src) {
 absl::Status GlooCommunicator::RecvLocked(Tensor& t, int src) {
   RETURN_IF_ERROR(CheckUsable("Recv"));
   if (src < 0 || src >= size_ || src == rank_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gloo Recv on rank ", rank_, ": source ", src,
-        " must be another rank in [0, ", size_, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gloo Recv on rank ", rank_, ": source ", src,
+                     " must be another rank in [0, ", size_, ")"));
   }
   const absl::Time deadline = absl::Now() + timeout_;
   const absl::Status local = ValidateTensor(t, "Recv", "t");
   const uint32_t seq = received_[src]++;
   if (options_.check_consistency != ConsistencyCheck::kOff) {
-    RETURN_IF_ERROR(ExchangeP2PHeaders(/*is_sender=*/false, src, seq, t, local,
-                                       deadline));
+    RETURN_IF_ERROR(
+        ExchangeP2PHeaders(/*is_sender=*/false, src, seq, t, local, deadline));
     if (t.nbytes() <= kGlooInlineBytes) {
       if (t.nbytes() > 0) std::memcpy(t.raw_data(), PeerPayload(0), t.nbytes());
       return absl::OkStatus();

@@ -6,9 +6,9 @@
 //                  kGlooInlineBytes (see "Consistency check")
 //   Broadcast      gloo::broadcast (binomial tree)
 //   AllGather      gloo::allgather (ring)
-//   ReduceScatter  gloo::ReduceScatterHalvingDoubling, which reduces in its
-//                  input buffer: on a copy of `in` (kept between calls), or
-//                  on `in` itself for ReduceScatterOverwritingInput
+//   ReduceScatter  a ring over Gloo unbound buffers, written here because
+//                  gloo::ReduceScatterHalvingDoubling returns wrong elements
+//                  for large messages (see RingReduceScatter in the .cc)
 //   Barrier        gloo::barrier, or the consistency all-gather itself
 //   Send / Recv    Gloo unbound buffers on per-peer, per-message slots
 //
@@ -39,21 +39,20 @@
 //       for Barrier, and for the first call of each signature (collective,
 //       dtype, shape, root, reduce op) otherwise. Once every rank has agreed
 //       on a signature, later calls with it send only the data: no extra
-//       round trip (the last 64 signatures of AllReduce/AllGather/Broadcast and
-//       the last one of ReduceScatter are remembered; every rank remembers
-//       the same ones because they are learnt from the same exchanges).
+//       round trip (the last 64 signatures are remembered; every rank
+//       remembers the same ones because they are learnt from the same
+//       exchanges).
 //   kAlways ("always", "true", "1")   every call exchanges the envelope
 //       first: one small all-gather more than raw Gloo above 4 KB.
 //   kOff ("off", "false", "0")         no envelope; data only.
 //
-// Why skipping is safe: AllReduce, AllGather, Broadcast and Barrier put a
-// 32-bit fingerprint of their signature into the Gloo tag, so calls that
+// Why skipping is safe: every collective puts a 32-bit fingerprint of its
+// signature into its Gloo tag or slots, so calls that
 // disagree use different Gloo slots and never exchange data (a size mismatch
 // on one slot would abort the process inside Gloo's I/O thread, which
 // enforces buffer sizes, and a dtype mismatch of equal size would give a
-// wrong result). ReduceScatter's Gloo algorithm cannot take a tag, so it
-// skips only when its signature equals the last verified one, which every
-// rank of a usable group shares. A call that disagrees with a peer after
+// wrong result); ReduceScatter's ring puts it into its slots. A call that
+// disagrees with a peer after
 // skipping therefore waits instead of crashing. When any collective times
 // out, each rank posts a description of its call to the store (under
 // "gloo/diag/") and reads its peers' (waiting at most min(timeout, 3 s);
@@ -62,10 +61,9 @@
 // into kInvalidArgument naming every rank's call; ranks that never reached
 // the call are named in the kDeadlineExceeded. Such a late mismatch is found
 // only after the timeout and leaves the group unusable; with kAlways it is
-// found at once. With kOff, a ReduceScatter mismatch may still abort inside
-// Gloo. Send/Recv exchange headers both ways before the data in kFirstUse
-// and kAlways. Every rank must use the same mode (a mismatch fails the
-// rendezvous with kInvalidArgument).
+// found at once. Send/Recv exchange headers both ways before the data in
+// kFirstUse and kAlways. Every rank must use the same mode (a mismatch fails
+// the rendezvous with kInvalidArgument).
 //
 // Errors: kInvalidArgument for bad or mismatched arguments (found by the
 // envelope: the group stays usable; found after a timeout: unusable, see
@@ -192,9 +190,6 @@ class GlooCommunicator final : public Communicator {
   absl::Status AllGather(const Tensor& in, Tensor& out) override;
   absl::Status ReduceScatter(const Tensor& in, Tensor& out,
                              ReduceOp op = ReduceOp::kSum) override;
-  // Reduces in `in` itself (Gloo's algorithm works in place): no copy.
-  absl::Status ReduceScatterOverwritingInput(
-      Tensor& in, Tensor& out, ReduceOp op = ReduceOp::kSum) override;
   absl::Status Barrier() override;
   // A rank may not send to or receive from itself (kInvalidArgument).
   absl::Status Send(const Tensor& t, int dst) override;
@@ -217,7 +212,8 @@ class GlooCommunicator final : public Communicator {
 
   // Ends the rendezvous: waits until every rank has connected and checks
   // that all ranks agree on check_consistency (kInvalidArgument otherwise).
-  absl::Status Handshake(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Handshake(absl::Time deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs `fn` (a call into Gloo) and converts any exception to a Status,
   // marking the communicator broken for every error but kInvalidArgument.
   template <typename Fn>
@@ -270,10 +266,11 @@ class GlooCommunicator final : public Communicator {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status AllGatherLocked(const Tensor& in, Tensor& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // `work`: the buffer Gloo reduces in (in.raw_data() when the input may be
-  // overwritten), or null for this object's scratch copy of `in`.
-  absl::Status ReduceScatterLocked(const Tensor& in, Tensor& out, ReduceOp op,
-                                   void* work)
+  absl::Status ReduceScatterLocked(const Tensor& in, Tensor& out, ReduceOp op)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The data transfer of ReduceScatter (see the .cc); throws Gloo's errors.
+  void RingReduceScatter(const Tensor& in, Tensor& out, ReduceOp op,
+                         uint32_t tag, absl::Time deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status SendLocked(const Tensor& t, int dst)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -308,12 +305,11 @@ class GlooCommunicator final : public Communicator {
   std::vector<uint64_t> envelope_in_ ABSL_GUARDED_BY(mu_);
   // The group's store (diagnosis after a timeout); null for a group of one.
   std::shared_ptr<Store> store_;
-  // Signatures (call number 0) every rank has agreed on, oldest first
-  // (AllReduce, AllGather, Broadcast), and the last ReduceScatter one.
+  // Signatures (call number 0) every rank has agreed on, oldest first.
   std::vector<Envelope> verified_ ABSL_GUARDED_BY(mu_);
-  std::vector<Envelope> verified_reduce_scatter_ ABSL_GUARDED_BY(mu_);
   int64_t envelope_exchanges_ ABSL_GUARDED_BY(mu_) = 0;
-  // ReduceScatter's working copy of its input, grown as needed and kept.
+  // ReduceScatter's two chunk-sized running-sum buffers, grown as needed and
+  // kept between calls.
   std::vector<uint64_t> scratch_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -7,7 +7,8 @@
 // round (a raw Gloo barrier before each timed block); each cell is the median
 // over rounds of the mean time per call. Results are checked.
 //
-//   bazel run -c opt //tests/backends/gloo:allreduce_overhead -- [rounds [max_bytes]]
+//   bazel run -c opt //tests/backends/gloo:allreduce_overhead -- [rounds
+//   [max_bytes]]
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,13 +23,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "backends/gloo/gloo_communicator.h"
+#include "glog/logging.h"
 #include "gloo/allreduce.h"
 #include "gloo/barrier.h"
 #include "gloo/math.h"
 #include "gloo/rendezvous/context.h"
 #include "gloo/rendezvous/file_store.h"
 #include "gloo/transport/tcp/device.h"
-#include "glog/logging.h"
 #include "runtime/file_store.h"
 
 namespace tp {
@@ -84,8 +85,8 @@ int RunRank(int rank, const std::string& dir, int rounds, size_t max_bytes) {
     const int64_t n = static_cast<int64_t>(bytes / 4);
     // Short blocks (tens of ms), many rounds: the load of other processes
     // on this host changes on a scale of seconds and hits every variant.
-    const int iters = static_cast<int>(
-        std::clamp<size_t>((size_t{4} << 20) / bytes, 1, 100));
+    const int iters =
+        static_cast<int>(std::clamp<size_t>((size_t{4} << 20) / bytes, 1, 100));
     Tensor t = Tensor::Full({n}, 1, DType::kFloat32);
     std::vector<std::vector<double>> us(3);
     for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
@@ -121,14 +122,16 @@ int RunRank(int rank, const std::string& dir, int rounds, size_t max_bytes) {
       auto min = [](const std::vector<double>& v) {
         return *std::min_element(v.begin(), v.end());
       };
-      std::printf("%10zu %9.1f (%6.1f) %9.1f (%6.1f) %9.1f (%6.1f) %9.1f %9.1f %8.3f\n",
-                  bytes, r, min(us[0]), c, min(us[1]), u, min(us[2]), c - r,
-                  u - r, c / r);
+      std::printf(
+          "%10zu %9.1f (%6.1f) %9.1f (%6.1f) %9.1f (%6.1f) %9.1f %9.1f %8.3f\n",
+          bytes, r, min(us[0]), c, min(us[1]), u, min(us[2]), c - r, u - r,
+          c / r);
       std::fflush(stdout);
     }
   }
   raw_barrier();
-  if (wrong > 0) std::fprintf(stderr, "rank %d: %d wrong results\n", rank, wrong);
+  if (wrong > 0)
+    std::fprintf(stderr, "rank %d: %d wrong results\n", rank, wrong);
   return wrong == 0 ? 0 : 1;
 }
 

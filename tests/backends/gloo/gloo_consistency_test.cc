@@ -107,7 +107,7 @@ absl::Status RunSequence(int rank, int world, Communicator& c,
   RETURN_IF_ERROR(reduce_scatter(kBig, true));
   RETURN_IF_ERROR(reduce_scatter(kBig, false));
   RETURN_IF_ERROR(reduce_scatter(kBig + 2, true));
-  RETURN_IF_ERROR(reduce_scatter(kBig, true));  // only the last one is kept
+  RETURN_IF_ERROR(reduce_scatter(kBig, false));  // still known
 
   auto all_gather = [&](int64_t n, bool is_new) -> absl::Status {
     const Tensor in = PatternInput(DType::kFloat32, rank, {n});
@@ -305,8 +305,18 @@ TEST(GlooConsistencyTest, ReduceScatterDisagreesAfterVerification) {
     Tensor out = Tensor::Zeros({n}, DType::kFloat32);
     return c.ReduceScatter(in, out);
   };
-  // Only the last ReduceScatter signature is remembered, so rank 1's other
-  // shape exchanges the envelope while rank 0 sends data.
+  // Both shapes verified: both ranks skip the envelope and their ring slots
+  // differ. Then a new shape on rank 1: it exchanges the envelope while rank
+  // 0 sends data.
+  ExpectLateMismatch(
+      3, ConsistencyCheck::kFirstUse,
+      [&](Communicator& c) -> absl::Status {
+        RETURN_IF_ERROR(reduce_scatter(c, kBig));
+        return reduce_scatter(c, kBig + 1);
+      },
+      [&](Communicator& c) { return reduce_scatter(c, kBig); },
+      [&](Communicator& c) { return reduce_scatter(c, kBig + 1); },
+      {"ReduceScatter", "[15000]", "[15003]", "ranks 0, 2"});
   ExpectLateMismatch(
       2, ConsistencyCheck::kFirstUse,
       [&](Communicator& c) { return reduce_scatter(c, kBig); },
@@ -323,6 +333,22 @@ TEST(GlooConsistencyTest, OffModeMismatchIsAnErrorNotAnAbort) {
       [](Communicator& c) { return AllReduceOf(c, kBig); },
       [](Communicator& c) { return AllReduceOf(c, kBig + 3); },
       {"disagree", "[5000]", "[5003]"});
+  // Small tensors take Gloo's own algorithms too when nothing is checked.
+  ExpectLateMismatch(
+      2, ConsistencyCheck::kOff, [](Communicator&) { return absl::OkStatus(); },
+      [](Communicator& c) { return AllReduceOf(c, 4); },
+      [](Communicator& c) { return AllReduceOf(c, 5); },
+      {"disagree", "[4]", "[5]"});
+  auto reduce_scatter = [](Communicator& c, int64_t n) {
+    Tensor in = Tensor::Zeros({c.size() * n}, DType::kFloat32);
+    Tensor out = Tensor::Zeros({n}, DType::kFloat32);
+    return c.ReduceScatter(in, out);
+  };
+  ExpectLateMismatch(
+      2, ConsistencyCheck::kOff, [](Communicator&) { return absl::OkStatus(); },
+      [&](Communicator& c) { return reduce_scatter(c, kBig); },
+      [&](Communicator& c) { return reduce_scatter(c, kBig + 1); },
+      {"disagree", "[10000]", "[10002]"});
 }
 
 TEST(GlooConsistencyTest, TimeoutNamesTheRankThatNeverArrived) {

@@ -27,7 +27,8 @@ extern "C" const char* __lsan_default_suppressions() {
 namespace tp {
 namespace {
 
-TestCommunicatorOptions ShortTimeout(absl::Duration timeout = absl::Seconds(1)) {
+TestCommunicatorOptions ShortTimeout(
+    absl::Duration timeout = absl::Seconds(1)) {
   TestCommunicatorOptions options;
   options.timeout = timeout;
   return options;
@@ -42,8 +43,8 @@ absl::Status Expect(const absl::Status& s, absl::StatusCode code,
   }
   for (const std::string& snippet : snippets) {
     if (!absl::StrContains(s.message(), snippet)) {
-      return absl::InternalError(absl::StrCat("message lacks \"", snippet,
-                                              "\": ", s.ToString()));
+      return absl::InternalError(
+          absl::StrCat("message lacks \"", snippet, "\": ", s.ToString()));
     }
   }
   return absl::OkStatus();
@@ -57,15 +58,18 @@ void ExpectMismatchOnEveryRank(int world, Even even, Odd odd,
                                std::vector<std::string> snippets) {
   absl::Status status = AllRanksOk(RunRanks(
       world, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
-        ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
-                         CreateTestCommunicator("gloo", rank, world, store,
-                                                ShortTimeout(absl::Seconds(10))));
+        ASSIGN_OR_RETURN(
+            std::unique_ptr<Communicator> comm,
+            CreateTestCommunicator("gloo", rank, world, store,
+                                   ShortTimeout(absl::Seconds(10))));
         const absl::Status s = rank == 1 ? odd(*comm) : even(*comm);
-        RETURN_IF_ERROR(Expect(s, absl::StatusCode::kInvalidArgument, snippets));
+        RETURN_IF_ERROR(
+            Expect(s, absl::StatusCode::kInvalidArgument, snippets));
         Tensor t = ReduceInput(ReduceOp::kSum, DType::kFloat32, rank, 3000);
         RETURN_IF_ERROR(comm->AllReduce(t));
-        return CheckValues(t, ExpectedReduce(ReduceOp::kSum, DType::kFloat32, world, 3000),
-                           "AllReduce after the mismatch");
+        return CheckValues(
+            t, ExpectedReduce(ReduceOp::kSum, DType::kFloat32, world, 3000),
+            "AllReduce after the mismatch");
       }));
   EXPECT_TRUE(status.ok()) << status;
 }
@@ -200,11 +204,12 @@ TEST(GlooErrorsTest, OneRanksBadArgumentsFailEveryRank) {
 }
 
 TEST(GlooErrorsTest, BadRootOrPeerIsInvalidArgument) {
-  absl::Status status = AllRanksOk(RunRanks(
-      2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
-        ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
-                         CreateTestCommunicator("gloo", rank, 2, store,
-                                                ShortTimeout(absl::Seconds(10))));
+  absl::Status status = AllRanksOk(
+      RunRanks(2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
+        ASSIGN_OR_RETURN(
+            std::unique_ptr<Communicator> comm,
+            CreateTestCommunicator("gloo", rank, 2, store,
+                                   ShortTimeout(absl::Seconds(10))));
         Tensor t = Tensor::Zeros({4}, DType::kFloat32);
         RETURN_IF_ERROR(Expect(comm->Broadcast(t, 2),
                                absl::StatusCode::kInvalidArgument, {"root 2"}));
@@ -226,21 +231,20 @@ TEST(GlooErrorsTest, SendRecvShapeMismatchFailsOnBothSides) {
   for (int64_t n : {int64_t{16}, int64_t{4000}}) {
     absl::Status status = AllRanksOk(RunRanks(
         2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
-          ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
-                           CreateTestCommunicator("gloo", rank, 2, store,
-                                                  ShortTimeout(absl::Seconds(10))));
+          ASSIGN_OR_RETURN(
+              std::unique_ptr<Communicator> comm,
+              CreateTestCommunicator("gloo", rank, 2, store,
+                                     ShortTimeout(absl::Seconds(10))));
           if (rank == 0) {
             Tensor t = Tensor::Zeros({n}, DType::kFloat64);
-            RETURN_IF_ERROR(Expect(comm->Send(t, 1),
-                                   absl::StatusCode::kInvalidArgument,
-                                   {absl::StrCat("[", n, "]"),
-                                    absl::StrCat("[", n + 1, "]")}));
+            RETURN_IF_ERROR(Expect(
+                comm->Send(t, 1), absl::StatusCode::kInvalidArgument,
+                {absl::StrCat("[", n, "]"), absl::StrCat("[", n + 1, "]")}));
           } else {
             Tensor t = Tensor::Zeros({n + 1}, DType::kFloat64);
-            RETURN_IF_ERROR(Expect(comm->Recv(t, 0),
-                                   absl::StatusCode::kInvalidArgument,
-                                   {absl::StrCat("[", n, "]"),
-                                    absl::StrCat("[", n + 1, "]")}));
+            RETURN_IF_ERROR(Expect(
+                comm->Recv(t, 0), absl::StatusCode::kInvalidArgument,
+                {absl::StrCat("[", n, "]"), absl::StrCat("[", n + 1, "]")}));
           }
           // The pair still works afterwards.
           Tensor t = PatternInput(DType::kFloat64, rank, {n});
@@ -278,8 +282,8 @@ TEST(GlooErrorsTest, RankThatNeverCallsGivesDeadlineExceededWithinTimeout) {
           // peer's description of its call (gloo_communicator.h).
           if (took < timeout - absl::Milliseconds(50) ||
               took > 2 * timeout + absl::Seconds(1)) {
-            return absl::InternalError(absl::StrCat(
-                "timed out after ", absl::FormatDuration(took)));
+            return absl::InternalError(
+                absl::StrCat("timed out after ", absl::FormatDuration(took)));
           }
           // The group is broken now, and says so.
           return Expect(comm->Barrier(), absl::StatusCode::kFailedPrecondition,
@@ -378,8 +382,8 @@ TEST(GlooErrorsTest, BadContextOrOptionsAreInvalidArgument) {
 }
 
 TEST(GlooErrorsTest, RanksMustAgreeOnTheConsistencyCheck) {
-  absl::Status status = AllRanksOk(RunRanks(
-      2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
+  absl::Status status = AllRanksOk(
+      RunRanks(2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
         TestCommunicatorOptions options = ShortTimeout(absl::Seconds(10));
         options.backend_options["gloo.check_consistency"] =
             rank == 0 ? "always" : "first_use";
@@ -393,9 +397,10 @@ TEST(GlooErrorsTest, RanksMustAgreeOnTheConsistencyCheck) {
 }
 
 TEST(GlooErrorsTest, ParsesOptions) {
-  absl::StatusOr<GlooOptions> o = ParseGlooOptions(
-      {{"gloo.hostname", "10.1.2.3"}, {"gloo.check_consistency", "FALSE"},
-       {"nccl.whatever", "x"}});
+  absl::StatusOr<GlooOptions> o =
+      ParseGlooOptions({{"gloo.hostname", "10.1.2.3"},
+                        {"gloo.check_consistency", "FALSE"},
+                        {"nccl.whatever", "x"}});
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->hostname, "10.1.2.3");
   EXPECT_EQ(o->check_consistency, ConsistencyCheck::kOff);
@@ -426,13 +431,15 @@ TEST(GlooErrorsTest, BindsToLoopbackForOneHost) {
 
 TEST(GlooErrorsTest, GroupOfOneNeedsNoStoreAndHasNoPeers) {
   BackendContext ctx;  // rank 0 of 1, no store
-  absl::StatusOr<std::unique_ptr<Communicator>> comm = CreateGlooCommunicator(ctx);
+  absl::StatusOr<std::unique_ptr<Communicator>> comm =
+      CreateGlooCommunicator(ctx);
   ASSERT_TRUE(comm.ok()) << comm.status();
   Tensor t = Tensor::Full({3}, 2.5, DType::kFloat32);
   EXPECT_TRUE((*comm)->AllReduce(t, ReduceOp::kAvg).ok());
   EXPECT_EQ(t.ToDoubles(), (std::vector<double>{2.5, 2.5, 2.5}));
   EXPECT_EQ((*comm)->Send(t, 0).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ((*comm)->Broadcast(t, 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*comm)->Broadcast(t, 1).code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE((*comm)->Barrier().ok());
 }
 

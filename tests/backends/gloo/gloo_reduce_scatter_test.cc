@@ -76,39 +76,71 @@ TEST_P(GlooReduceScatterTest, SplitsAlongDimZeroOfAMatrix) {
   EXPECT_TRUE(status.ok()) << status;
 }
 
-TEST_P(GlooReduceScatterTest, OverwritingInputGivesTheSameResult) {
-  // The input is Gloo's working buffer here: only `out` is checked, for
-  // every op and count, twice (the second call skips the envelope), and with
-  // `out` a view of the start of `in`.
+TEST_P(GlooReduceScatterTest, OutputMayBeAViewOfTheInput) {
   const GlooParam p = GetParam();
   absl::Status status = AllRanksOk(RunRanks(
       p.world, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
         ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
                          CreateTestCommunicator("gloo", rank, p.world, store,
                                                 GlooTestOptions(p)));
-        for (ReduceOp op : kAllReduceOps) {
-          for (int64_t count : kCounts) {
-            for (int pass = 0; pass < kPasses; ++pass) {
-              Tensor in = ReduceInput(op, p.dtype, rank, p.world * count);
-              Tensor out = Tensor::Full({count}, -99, p.dtype);
-              RETURN_IF_ERROR(comm->ReduceScatterOverwritingInput(in, out, op));
-              RETURN_IF_ERROR(CheckValues(
-                  out,
-                  ExpectedReduce(op, p.dtype, p.world, count, rank * count),
-                  absl::StrCat("ReduceScatterOverwritingInput ",
-                               ReduceOpName(op), " of ", count, " per rank")));
-            }
-          }
+        for (int64_t count : {int64_t{3}, int64_t{3000}}) {
+          // `out` is the first chunk of `in` (rank 0 reduces into its own
+          // chunk; the others into a chunk they send).
+          Tensor in =
+              ReduceInput(ReduceOp::kSum, p.dtype, rank, p.world * count);
+          ASSIGN_OR_RETURN(Tensor head, in.Narrow(0, 0, count));
+          RETURN_IF_ERROR(comm->ReduceScatter(in, head));
+          RETURN_IF_ERROR(
+              CheckValues(head,
+                          ExpectedReduce(ReduceOp::kSum, p.dtype, p.world,
+                                         count, rank * count),
+                          absl::StrCat("ReduceScatter of ", count,
+                                       " into a view of its input")));
         }
-        Tensor in = ReduceInput(ReduceOp::kSum, p.dtype, rank, p.world * 3000);
-        ASSIGN_OR_RETURN(Tensor head, in.Narrow(0, 0, 3000));
-        RETURN_IF_ERROR(comm->ReduceScatterOverwritingInput(in, head));
-        return CheckValues(
-            head,
-            ExpectedReduce(ReduceOp::kSum, p.dtype, p.world, 3000, rank * 3000),
-            "ReduceScatterOverwritingInput into a view of its input");
+        return absl::OkStatus();
       }));
   EXPECT_TRUE(status.ok()) << status;
+}
+
+// Tens of MB per call: the sizes at which Gloo's own halving-doubling
+// reduce-scatter returned wrong elements (it overwrote data it was still
+// sending; BENCHMARKS.md). Each call's values differ, so stale data shows.
+TEST(GlooReduceScatterLargeTest, ExactForTensOfMegabytes) {
+  for (int world : {2, 4}) {
+    const int64_t count = (int64_t{16} << 20) / 4 / world;  // 16 MB in total
+    absl::Status status = AllRanksOk(RunRanks(
+        world, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
+          TestCommunicatorOptions options;
+          options.timeout = absl::Seconds(60);
+          ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
+                           CreateTestCommunicator("gloo", rank, world, store,
+                                                  options));
+          for (int iteration = 0; iteration < 3; ++iteration) {
+            Tensor in = Tensor::Empty({world * count}, DType::kFloat32);
+            float* p = in.data<float>();
+            for (int64_t i = 0; i < world * count; ++i) {
+              p[i] = static_cast<float>((i * 7 + rank * 3 + iteration * 5) % 32);
+            }
+            Tensor out = Tensor::Zeros({count}, DType::kFloat32);
+            RETURN_IF_ERROR(comm->ReduceScatter(in, out));
+            const float* o = out.data<float>();
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t i = rank * count + j;
+              double want = 0;
+              for (int r = 0; r < world; ++r) {
+                want += static_cast<double>((i * 7 + r * 3 + iteration * 5) % 32);
+              }
+              if (o[j] != want) {
+                return absl::InternalError(absl::StrCat(
+                    "world ", world, " iteration ", iteration, ": element ", j,
+                    " is ", o[j], ", expected ", want));
+              }
+            }
+          }
+          return absl::OkStatus();
+        }));
+    EXPECT_TRUE(status.ok()) << status;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, GlooReduceScatterTest,
