@@ -948,9 +948,17 @@ bool GlooCommunicator::IsVerified(const Envelope& h) const {
 }
 
 void GlooCommunicator::RememberVerified(const Envelope& h) {
-  if (IsVerified(h)) return;
+  // Every rank of a usable group makes the same calls, so every rank's list
+  // changes the same way, including the order (least recently used first).
+  const Envelope sig = Signature(h);
+  for (auto it = verified_.begin(); it != verified_.end(); ++it) {
+    if (SameCall(*it, sig, /*p2p=*/false)) {
+      std::rotate(it, it + 1, verified_.end());
+      return;
+    }
+  }
   if (verified_.size() == kMaxVerified) verified_.erase(verified_.begin());
-  verified_.push_back(Signature(h));
+  verified_.push_back(sig);
 }
 
 uint32_t GlooCommunicator::DataTag(const Envelope& h) {
@@ -975,11 +983,16 @@ absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
   *exchanged = false;
   switch (options_.check_consistency) {
     case ConsistencyCheck::kOff:
+      // Peers that accepted their arguments wait for this rank until they
+      // time out; their diagnosis will find why.
+      if (!local.ok()) PostCall(h, local);
       return local;
     case ConsistencyCheck::kFirstUse:
-      // A verified signature is locally valid (only successful exchanges
-      // are remembered), so `local` is OK whenever this skips.
+      // A rank whose arguments fail locally exchanges the envelope even for
+      // a verified signature (the error is not part of the signature): its
+      // peers, which skip, then time out, and the diagnosis names the error.
       if (local.ok() && (!inline_data || inline_skips) && IsVerified(h)) {
+        RememberVerified(h);  // most recently used: evicted last
         return absl::OkStatus();
       }
       break;
@@ -993,7 +1006,7 @@ absl::Status GlooCommunicator::Agree(Envelope& h, const absl::Status& local,
                         inline_data ? payload_bytes : 0, deadline);
   if (agreed.code() == absl::StatusCode::kDeadlineExceeded ||
       agreed.code() == absl::StatusCode::kUnavailable) {
-    return Diagnose(h, agreed);
+    return Diagnose(h, agreed, local);
   }
   RETURN_IF_ERROR(agreed);
   if (options_.check_consistency == ConsistencyCheck::kFirstUse &&
@@ -1009,33 +1022,56 @@ absl::Status GlooCommunicator::GuardedData(const Envelope& h, Fn&& fn) {
   const absl::Status s = Guarded(OpKindName(h.kind), std::forward<Fn>(fn));
   if (s.code() == absl::StatusCode::kDeadlineExceeded ||
       s.code() == absl::StatusCode::kUnavailable) {
-    return Diagnose(h, s);
+    return Diagnose(h, s, absl::OkStatus());
   }
   return s;
 }
 
+std::string GlooCommunicator::DiagnosisKey(int64_t call, int rank) {
+  return absl::StrCat("gloo/diag/", call, "/", rank);
+}
+
+std::string GlooCommunicator::CallText(const Envelope& h,
+                                       const absl::Status& local) {
+  if (local.ok()) return Describe(h);
+  return absl::StrCat(Describe(h), ", rejected there: ", local.message());
+}
+
+void GlooCommunicator::PostCall(const Envelope& h, const absl::Status& local) {
+  if (store_ == nullptr) return;
+  // Best effort: a store that fails here fails the peers' diagnosis too.
+  store_->Set(DiagnosisKey(h.call, rank_), CallText(h, local)).IgnoreError();
+}
+
 absl::Status GlooCommunicator::Diagnose(const Envelope& h,
-                                        const absl::Status& error) {
+                                        const absl::Status& error,
+                                        const absl::Status& local) {
   broken_ = error;
   if (store_ == nullptr) return broken_;
-  const std::string mine = Describe(h);
-  const std::string prefix = absl::StrCat("gloo/diag/", h.call, "/");
-  if (!store_->Set(absl::StrCat(prefix, rank_), mine).ok()) return broken_;
+  const std::string mine = CallText(h, local);
+  if (!store_->Set(DiagnosisKey(h.call, rank_), mine).ok()) return broken_;
   // A peer that timed out too has posted, or will post within moments. A
   // lost connection (`error` kUnavailable) is often a peer that timed out
   // first: Gloo closes every connection of a rank whose wait times out, and
   // that peer posts right after. A dead peer never posts; the wait is
-  // bounded.
+  // bounded, and a store failing otherwise ends it.
   const absl::Time until = absl::Now() + std::min(timeout_, kMaxDiagnosisWait);
   std::vector<std::pair<std::string, std::vector<int>>> groups = {
       {mine, {rank_}}};
   std::vector<int> missing;
+  bool store_failed = false;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_) continue;
+    if (store_failed) {
+      missing.push_back(r);
+      continue;
+    }
     absl::StatusOr<std::string> theirs =
-        store_->Get(absl::StrCat(prefix, r),
+        store_->Get(DiagnosisKey(h.call, r),
                     std::max(until - absl::Now(), absl::Milliseconds(1)));
     if (!theirs.ok()) {
+      store_failed =
+          theirs.status().code() != absl::StatusCode::kDeadlineExceeded;
       missing.push_back(r);
       continue;
     }
@@ -1063,13 +1099,17 @@ absl::Status GlooCommunicator::Diagnose(const Envelope& h,
         missing.empty() ? ""
                         : absl::StrCat("; no answer from rank(s) ",
                                        absl::StrJoin(missing, ", ")),
-        ". Found after the call timed out (ranks that had verified these "
-        "arguments before skip the consistency exchange, and calls that "
+        ". Found after the call timed out (ranks that had verified a call "
+        "like this before skip the consistency exchange, and calls that "
         "disagree never exchange data), so the communicator is unusable. "
         "Every rank must make the same collective calls in the same order "
         "with the same shapes and dtypes"));
-  } else if (!missing.empty() &&
-             error.code() == absl::StatusCode::kDeadlineExceeded) {
+  } else if (!missing.empty() && !store_failed &&
+             (error.code() == absl::StatusCode::kDeadlineExceeded ||
+              groups[0].second.size() > 1)) {
+    // A lost connection with a peer that answered with this same call was a
+    // timeout: a peer that timed out first closed the connection. (With no
+    // answer at all it stays kUnavailable: the peer may have died.)
     broken_ = absl::DeadlineExceededError(
         absl::StrCat(error.message(), "; rank(s) ",
                      absl::StrJoin(missing, ", "), " did not reach ", mine));
@@ -1275,7 +1315,8 @@ absl::Status GlooCommunicator::AllGatherLocked(const Tensor& in, Tensor& out) {
 // rank r + 1 and receives that of chunk (r - 2 - k) mod n from rank r - 1,
 // adding its own input's piece. After the last step rank r holds chunk r
 // summed over all ranks (in the order r + 1, r + 2, ..., r). `in` is only
-// read; the running sums live in two chunk-sized buffers kept between calls.
+// read; the running sums live in `out` and, with more than 2 ranks, in two
+// chunk-sized buffers kept between calls.
 // Throws what Gloo throws (the caller converts it).
 void GlooCommunicator::RingReduceScatter(const Tensor& in, Tensor& out,
                                          ReduceOp op, uint32_t tag,
@@ -1288,13 +1329,20 @@ void GlooCommunicator::RingReduceScatter(const Tensor& in, Tensor& out,
     return input +
            static_cast<size_t>((chunk % size_ + size_) % size_) * chunk_bytes;
   };
+  // The last step receives straight into `out` unless `out` shares storage
+  // with `in` (which is still read then); the other steps alternate between
+  // two scratch buffers, so 2 ranks need none.
+  const bool direct = !out.SharesStorageWith(in);
+  const int scratch_steps = size_ - 2 + (direct ? 0 : 1);
   const size_t words = (chunk_bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t);
-  if (scratch_.size() < 2 * words) {
+  const size_t needed = static_cast<size_t>(std::min(scratch_steps, 2)) * words;
+  if (scratch_.size() < needed) {
     scratch_ = std::vector<uint64_t>();  // free the old one before growing
-    scratch_.resize(2 * words);
+    scratch_.resize(needed);
   }
-  char* buffers[2] = {reinterpret_cast<char*>(scratch_.data()),
-                      reinterpret_cast<char*>(scratch_.data() + words)};
+  char* const base = reinterpret_cast<char*>(scratch_.data());
+  char* buffers[2] = {
+      base, needed > words ? base + words * sizeof(uint64_t) : nullptr};
   DispatchGlooType(in.dtype(), [&](auto type) {
     using G = decltype(type);
     const RawReduceFn reduce = RawReduce<G>(op);
@@ -1302,7 +1350,9 @@ void GlooCommunicator::RingReduceScatter(const Tensor& in, Tensor& out,
     // Step 0 sends straight from the input.
     char* sending = const_cast<char*>(piece(rank_ - 1));
     for (int step = 0; step < size_ - 1; ++step) {
-      char* receiving = buffers[step % 2];
+      const bool last = step == size_ - 2;
+      char* receiving = last && direct ? static_cast<char*>(out.raw_data())
+                                       : buffers[step % 2];
       const uint64_t slot = (kRingSlotPrefix << 56) |
                             (static_cast<uint64_t>(tag) << 24) |
                             static_cast<uint64_t>(step);
@@ -1314,15 +1364,11 @@ void GlooCommunicator::RingReduceScatter(const Tensor& in, Tensor& out,
           !send->waitSend(Remaining(deadline))) {
         throw std::runtime_error("the ring reduce-scatter was aborted");
       }
-      const char* own = piece(rank_ - 2 - step);
-      if (step == size_ - 2 && !out.SharesStorageWith(in)) {
-        reduce(out.raw_data(), receiving, own, count);
-      } else if (step == size_ - 2) {
-        reduce(receiving, receiving, own, count);  // `out` may overlap `in`
-        std::memmove(out.raw_data(), receiving, chunk_bytes);
-      } else {
-        reduce(receiving, receiving, own, count);
+      reduce(receiving, receiving, piece(rank_ - 2 - step), count);
+      if (!last) {
         sending = receiving;
+      } else if (!direct) {
+        std::memmove(out.raw_data(), receiving, chunk_bytes);
       }
     }
   });

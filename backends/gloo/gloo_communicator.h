@@ -24,11 +24,12 @@
 // Consistency check (GlooOptions::check_consistency). Before data moves, a
 // collective may all-gather a fixed-size envelope from each rank: a header
 // (call number, collective, dtype, shape, root, reduce op) and an inline
-// payload of up to kGlooInlineBytes. A disagreement between ranks becomes
-// kInvalidArgument on every rank, naming the ranks and what each passed;
-// arguments that a rank rejects locally (wrong output size, bad root) are
-// reported the same way on every rank, so that no rank waits for a peer that
-// has already given up; the group stays usable. Messages that fit in the
+// payload of up to kGlooInlineBytes. When every rank exchanges it, a
+// disagreement between ranks becomes kInvalidArgument on every rank, naming
+// the ranks and what each passed, and arguments that a rank rejects locally
+// (wrong output size, bad root, a non-contiguous tensor) are reported the
+// same way on every rank, so that no rank waits for a peer that has already
+// given up; the group stays usable. Messages that fit in the
 // inline payload complete from the envelope (AllReduce, ReduceScatter: a local
 // reduction over the ranks' inputs in rank order; AllGather, Broadcast:
 // copies), so small collectives take a single all-gather. The three modes:
@@ -39,12 +40,17 @@
 //       for Barrier, and for the first call of each signature (collective,
 //       dtype, shape, root, reduce op) otherwise. Once every rank has agreed
 //       on a signature, later calls with it send only the data: no extra
-//       round trip (the last 64 signatures are remembered; every rank
-//       remembers the same ones because they are learnt from the same
-//       exchanges).
+//       round trip (the 64 most recently used signatures are remembered;
+//       every rank remembers the same ones, because they are learnt from the
+//       same exchanges and used by the same calls). A rank whose arguments
+//       fail locally still exchanges the envelope, so on a verified
+//       signature its peers (which skip) time out; see below.
 //   kAlways ("always", "true", "1")   every call exchanges the envelope
 //       first: one small all-gather more than raw Gloo above 4 KB.
-//   kOff ("off", "false", "0")         no envelope; data only.
+//   kOff ("off", "false", "0")         no envelope; data only. A rank whose
+//       arguments fail locally returns at once and its peers time out.
+//       Send/Recv of different sizes may abort inside Gloo (their slots
+//       carry no fingerprint).
 //
 // Why skipping is safe: every collective puts a 32-bit fingerprint of its
 // signature into its Gloo tag or slots, so calls that
@@ -57,9 +63,10 @@
 // out, each rank posts a description of its call to the store (under
 // "gloo/diag/") and reads its peers' (waiting at most min(timeout, 3 s);
 // also after a lost connection, since Gloo closes every connection of a rank
-// whose wait timed out). Ranks that called something else turn the error
-// into kInvalidArgument naming every rank's call; ranks that never reached
-// the call are named in the kDeadlineExceeded. Such a late mismatch is found
+// whose wait timed out). Ranks that called something else, or rejected their
+// arguments, turn the error into kInvalidArgument naming every rank's call
+// (and the rejection); ranks that never reached the call are named in a
+// kDeadlineExceeded. Such a late mismatch is found
 // only after the timeout and leaves the group unusable; with kAlways it is
 // found at once. Send/Recv exchange headers both ways before the data in
 // kFirstUse and kAlways. Every rank must use the same mode (a mismatch fails
@@ -76,9 +83,6 @@
 // Timeouts: the group's timeout bounds each call from its start (the envelope
 // and the data transfer share one deadline; a failed call then spends at most
 // min(timeout, 3 s) more on the diagnosis), and bounds the rendezvous.
-// ReduceScatter's Gloo algorithm applies the timeout to each of its steps, so
-// a peer that stalls inside it without dying is detected after at most
-// log2(size) + 2 timeouts.
 //
 // Signals: creating a group of two or more ranks sets SIGPIPE to SIG_IGN
 // when it still has its default action (Gloo writes to sockets with writev,
@@ -251,12 +255,19 @@ class GlooCommunicator final : public Communicator {
   template <typename Fn>
   absl::Status GuardedData(const Envelope& h, Fn&& fn)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After collective `h` failed with kDeadlineExceeded `error`: exchanges
-  // descriptions of the call through the store and returns kInvalidArgument
-  // naming ranks that called something else, or `error` naming the ranks
-  // that never reached the call. Marks the group broken.
-  absl::Status Diagnose(const Envelope& h, const absl::Status& error)
+  // After collective `h` failed with kDeadlineExceeded or kUnavailable
+  // `error`: exchanges descriptions of the call (with this rank's argument
+  // error `local`, if any) through the store and returns kInvalidArgument
+  // naming ranks that called something else, or kDeadlineExceeded naming the
+  // ranks that never reached the call. Marks the group broken.
+  absl::Status Diagnose(const Envelope& h, const absl::Status& error,
+                        const absl::Status& local)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Posts this rank's description of call `h` for the peers' diagnosis.
+  void PostCall(const Envelope& h, const absl::Status& local)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static std::string DiagnosisKey(int64_t call, int rank);
+  static std::string CallText(const Envelope& h, const absl::Status& local);
   // The payload rank `r` sent in the last envelope exchange.
   const char* PeerPayload(int r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

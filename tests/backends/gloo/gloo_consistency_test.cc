@@ -3,6 +3,9 @@
 // skip it still give exact results, and that ranks which disagree after
 // skipping get kInvalidArgument on every rank after the timeout (never an
 // abort inside Gloo, a hang or a wrong result).
+#include <atomic>
+#include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -191,21 +194,29 @@ TEST(GlooConsistencyTest, DefaultIsFirstUse) {
 // Every rank runs `setup` (calls all ranks agree on, so that their signatures
 // are verified); then rank 1 runs `odd` while the others run `even`. Every
 // rank must get kInvalidArgument containing `snippets` between the timeout
-// and the timeout + 3 s, and the group must be unusable afterwards.
+// and the timeout + 3 s after the first rank started the call, and the group
+// must be unusable afterwards. (A rank that starts late can fail early: the
+// first rank to time out closes its connections.)
 template <typename Setup, typename Even, typename Odd>
 void ExpectLateMismatch(int world, ConsistencyCheck mode, Setup setup,
                         Even even, Odd odd,
                         const std::vector<std::string>& snippets) {
-  const absl::Duration timeout = absl::Seconds(1);
+  const absl::Duration timeout = absl::Seconds(2);
+  std::atomic<int64_t> first_start_ns{std::numeric_limits<int64_t>::max()};
   absl::Status status = AllRanksOk(RunRanks(
       world, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
         ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm,
                          CreateTestCommunicator("gloo", rank, world, store,
                                                 Mode(mode, timeout)));
         RETURN_IF_ERROR(setup(*comm));
-        const absl::Time start = absl::Now();
+        const int64_t start_ns = absl::ToUnixNanos(absl::Now());
+        int64_t seen = first_start_ns.load();
+        while (start_ns < seen &&
+               !first_start_ns.compare_exchange_weak(seen, start_ns)) {
+        }
         const absl::Status s = rank == 1 ? odd(*comm) : even(*comm);
-        const absl::Duration took = absl::Now() - start;
+        const absl::Duration took =
+            absl::Now() - absl::FromUnixNanos(first_start_ns.load());
         RETURN_IF_ERROR(
             ExpectCode(s, absl::StatusCode::kInvalidArgument, snippets));
         if (took < timeout - absl::Milliseconds(100) ||
@@ -323,6 +334,46 @@ TEST(GlooConsistencyTest, ReduceScatterDisagreesAfterVerification) {
       [&](Communicator& c) { return reduce_scatter(c, kBig); },
       [&](Communicator& c) { return reduce_scatter(c, kBig + 1); },
       {"ReduceScatter", "[10000]", "[10002]"});
+}
+
+TEST(GlooConsistencyTest, BadArgumentsOnAVerifiedSignatureAreNamed) {
+  // Rank 1's output is one element short on a call its peers have verified:
+  // it exchanges the envelope (its error is not part of the signature), they
+  // send data; all time out and the diagnosis names rank 1's error.
+  auto gather = [](Communicator& c, int64_t out_elements) {
+    Tensor in = Tensor::Zeros({kBig}, DType::kFloat32);
+    Tensor out = Tensor::Zeros({out_elements}, DType::kFloat32);
+    return c.AllGather(in, out);
+  };
+  ExpectLateMismatch(
+      3, ConsistencyCheck::kFirstUse,
+      [&](Communicator& c) { return gather(c, c.size() * kBig); },
+      [&](Communicator& c) { return gather(c, c.size() * kBig); },
+      [&](Communicator& c) { return gather(c, c.size() * kBig - 1); },
+      {"rejected there", "[14999]", "rank 1", "ranks 0, 2"});
+}
+
+TEST(GlooConsistencyTest, OffModeBadArgumentsAreNamedAfterTheTimeout) {
+  // Without a check the rank with bad arguments fails at once; its peers
+  // wait for it until the timeout, then find its error in the store.
+  const absl::Duration timeout = absl::Seconds(1);
+  absl::Status status = AllRanksOk(
+      RunRanks(2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
+        ASSIGN_OR_RETURN(
+            std::unique_ptr<Communicator> comm,
+            CreateTestCommunicator("gloo", rank, 2, store,
+                                   Mode(ConsistencyCheck::kOff, timeout)));
+        Tensor in = Tensor::Zeros({kBig}, DType::kFloat32);
+        Tensor out =
+            Tensor::Zeros({2 * kBig - (rank == 1 ? 1 : 0)}, DType::kFloat32);
+        const absl::Status s = comm->AllGather(in, out);
+        if (rank == 1) {
+          return ExpectCode(s, absl::StatusCode::kInvalidArgument, {"[9999]"});
+        }
+        return ExpectCode(s, absl::StatusCode::kInvalidArgument,
+                          {"rejected there", "[9999]", "rank 1"});
+      }));
+  EXPECT_TRUE(status.ok()) << status;
 }
 
 TEST(GlooConsistencyTest, OffModeMismatchIsAnErrorNotAnAbort) {
