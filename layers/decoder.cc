@@ -486,11 +486,12 @@ absl::StatusOr<Tensor> Attention::Backward(const Tensor& grad_out) {
     ASSIGN_OR_RETURN(dq, ApplyRope(dq, s, d, 0, cos_, sin_, true));
     ASSIGN_OR_RETURN(dk, ApplyRope(dk, s, d, 0, cos_, sin_, true));
   }
-  ASSIGN_OR_RETURN(Tensor dx, q_proj->Backward(dq));
-  ASSIGN_OR_RETURN(Tensor dxk, k_proj->Backward(dk));
-  ASSIGN_OR_RETURN(Tensor dxv, v_proj->Backward(dv));
-  RETURN_IF_ERROR(ops::AddInPlace(dx, dxk));
-  RETURN_IF_ERROR(ops::AddInPlace(dx, dxv));
+  // q/k/v read the same input: one all-reduce of their summed partial input
+  // gradients when they are column-parallel.
+  ASSIGN_OR_RETURN(Tensor dx,
+                   ColumnSiblingsBackward({{q_proj, std::move(dq)},
+                                           {k_proj, std::move(dk)},
+                                           {v_proj, std::move(dv)}}));
   has_forward_ = false;
   saved_ = attention_core::Saved();
   return dx;
@@ -605,9 +606,8 @@ absl::StatusOr<Tensor> Mlp::Backward(const Tensor& grad_out) {
     ASSIGN_OR_RETURN(Tensor du, ops::Mul(da, act_));  // d/du = silu(g)
     ASSIGN_OR_RETURN(Tensor dsg, ops::Mul(da, up_));  // d/dsilu(g) = u
     ASSIGN_OR_RETURN(Tensor dg, ops::SiLUBackward(dsg, gate_));
-    ASSIGN_OR_RETURN(dx, gate->Backward(dg));
-    ASSIGN_OR_RETURN(Tensor dxu, up->Backward(du));
-    RETURN_IF_ERROR(ops::AddInPlace(dx, dxu));
+    ASSIGN_OR_RETURN(dx, ColumnSiblingsBackward(
+                             {{gate, std::move(dg)}, {up, std::move(du)}}));
   } else {
     ASSIGN_OR_RETURN(Tensor du, ops::GeLUBackward(da, up_));
     ASSIGN_OR_RETURN(dx, up->Backward(du));

@@ -45,9 +45,10 @@
 // chosen over rebuilding ParallelSelfAttention / ParallelMLP because the
 // Hugging Face names need separate q/k/v and gate/up projections (those
 // blocks fuse them), and because a plan can then be any mapping of names to
-// styles, checked by each composite's CheckChildStyles. Its one cost: a
-// backward pass all-reduces the input gradient of q, k and v (and gate, up)
-// separately, 5 all-reduces per layer instead of 2.
+// styles, checked by each composite's CheckChildStyles. The backward pass
+// still makes Megatron's 2 all-reduces per layer, not 5: q, k and v (and
+// gate, up) each compute their partial input gradient, and their sum is
+// all-reduced once (ColumnSiblingsBackward in layers/parallel_modules.h).
 //
 // Logits and loss. Forward returns logits [batch, seq, V_local] where
 // V_local = vocab / tp and rank r holds ids [r V_local, (r + 1) V_local)

@@ -192,11 +192,14 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Forward(const Tensor& x) {
   }
   cached_input_ = flat;
   cached_in_shape_ = x.shape();
+  pending_grad_ = Tensor();
   return y;
 }
 
-absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
+absl::StatusOr<std::pair<Tensor, Tensor>> ColumnParallelLinear::LocalInputGrad(
+    const Tensor& grad_out) {
   const Options& o = options_;
+  pending_grad_ = Tensor();
   if (!cached_input_.defined()) {
     return absl::FailedPreconditionError(
         absl::StrCat(o.name, ": Backward without a preceding Forward"));
@@ -217,6 +220,13 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
   ASSIGN_OR_RETURN(Tensor g2, g.Contiguous().Reshape({rows, local_out_}));
   ASSIGN_OR_RETURN(Tensor dx, ops::MatMul(g2, weight_));  // [rows, in]
   ASSIGN_OR_RETURN(dx, dx.Reshape(gathered_in_shape));
+  return std::make_pair(std::move(g2), std::move(dx));
+}
+
+absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
+  const Options& o = options_;
+  ASSIGN_OR_RETURN(auto local, LocalInputGrad(grad_out));
+  auto& [g2, dx] = local;
   if (o.sequence_parallel) {
     auto rs = GatherFromSequenceParallel::Backward(comm_, dx);
     RETURN_IF_ERROR(Annotate(rs.status(), o.name));
@@ -229,7 +239,33 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Backward(const Tensor& grad_out) {
   RETURN_IF_ERROR(AccumulateLinearGrads(g2, cached_input_, weight_grad_,
                                         o.bias ? &bias_grad_ : nullptr));
   cached_input_ = Tensor();
-  return dx;
+  return std::move(dx);
+}
+
+absl::StatusOr<Tensor> ColumnParallelLinear::BackwardPartial(
+    const Tensor& grad_out) {
+  if (options_.sequence_parallel) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options_.name,
+        ": BackwardPartial needs sequence_parallel = false (the input "
+        "gradient is reduce-scattered, use Backward)"));
+  }
+  ASSIGN_OR_RETURN(auto local, LocalInputGrad(grad_out));
+  pending_grad_ = std::move(local.first);
+  return std::move(local.second);
+}
+
+absl::Status ColumnParallelLinear::CommitBackward() {
+  if (!pending_grad_.defined() || !cached_input_.defined()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        options_.name, ": CommitBackward without a pending BackwardPartial"));
+  }
+  RETURN_IF_ERROR(AccumulateLinearGrads(pending_grad_, cached_input_,
+                                        weight_grad_,
+                                        options_.bias ? &bias_grad_ : nullptr));
+  pending_grad_ = Tensor();
+  cached_input_ = Tensor();
+  return absl::OkStatus();
 }
 
 std::vector<ParameterShard> ColumnParallelLinear::parameters() const {

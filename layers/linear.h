@@ -75,6 +75,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -143,6 +144,23 @@ class ColumnParallelLinear {
   // along dim 0 with sequence_parallel).
   absl::StatusOr<Tensor> Backward(const Tensor& grad_out);
 
+  // Backward in two phases, for several column layers that read the SAME
+  // input (q/k/v or gate/up kept as separate layers): each returns its
+  // partial input gradient, the caller sums them and all-reduces the sum once
+  // (what Megatron's fused QKV GEMM achieves), then commits each layer.
+  //
+  // BackwardPartial: grad_out as Backward; returns this rank's UNREDUCED
+  // input gradient grad W_local (x's shape) and keeps grad_out pending; it
+  // communicates nothing and changes no gradient. kInvalidArgument with
+  // sequence_parallel; otherwise Backward's errors.
+  // CommitBackward: accumulates the pending gradients into grads() and
+  // consumes the cached input, as the end of Backward does.
+  // kFailedPrecondition without a pending BackwardPartial. A Forward or
+  // Backward in between discards the pending gradient, so a caller whose
+  // all-reduce fails simply does not commit and the layer stays as it was.
+  absl::StatusOr<Tensor> BackwardPartial(const Tensor& grad_out);
+  absl::Status CommitBackward();
+
   // "weight" [out, in] split along 0 at offset rank * out/tp, and (with bias)
   // "bias" [out] split along 0. Tensors share storage with the layer.
   std::vector<ParameterShard> parameters() const;
@@ -169,8 +187,14 @@ class ColumnParallelLinear {
   int64_t local_out_ = 0;
   int64_t out_offset_ = 0;
   Tensor weight_, bias_, weight_grad_, bias_grad_;
+  // grad_out [tokens, local out] -> (the same, reshaped; the unreduced input
+  // gradient with the gathered input's shape). Checks the call order and shape.
+  absl::StatusOr<std::pair<Tensor, Tensor>> LocalInputGrad(
+      const Tensor& grad_out);
+
   Tensor cached_input_;    // [tokens, in], gathered when sequence parallel
   Shape cached_in_shape_;  // x's shape as given to Forward
+  Tensor pending_grad_;    // [tokens, local out] between the two phases
 };
 
 struct RowParallelLinearOptions {

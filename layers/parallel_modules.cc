@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/ops.h"
 #include "runtime/status_macros.h"
 
 namespace tp {
@@ -35,6 +36,15 @@ absl::StatusOr<Tensor> ColumnParallelLinearModule::Forward(const Tensor& x) {
 absl::StatusOr<Tensor> ColumnParallelLinearModule::Backward(
     const Tensor& grad_out) {
   return layer_->Backward(grad_out);
+}
+
+absl::StatusOr<Tensor> ColumnParallelLinearModule::BackwardPartial(
+    const Tensor& grad_out) {
+  return layer_->BackwardPartial(grad_out);
+}
+
+absl::Status ColumnParallelLinearModule::CommitBackward() {
+  return layer_->CommitBackward();
 }
 
 std::vector<ParameterShard> ColumnParallelLinearModule::LocalParameters()
@@ -154,6 +164,61 @@ std::string VocabParallelEmbeddingModule::Describe() const {
                       layer_->vocab_start() + layer_->local_vocab_size(),
                       ") of tp ", comm_.size(), ", hidden=", o.hidden_size,
                       ")");
+}
+
+// ---------------------------------------------------------------------------
+// ColumnSiblingsBackward
+// ---------------------------------------------------------------------------
+
+absl::StatusOr<Tensor> ColumnSiblingsBackward(
+    const std::vector<std::pair<Module*, Tensor>>& parts) {
+  if (parts.empty()) {
+    return absl::InvalidArgumentError(
+        "ColumnSiblingsBackward: no modules given");
+  }
+  std::vector<ColumnParallelLinearModule*> columns;
+  for (const auto& [module, grad] : parts) {
+    columns.push_back(dynamic_cast<ColumnParallelLinearModule*>(module));
+  }
+  bool fused = parts.size() > 1;
+  for (ColumnParallelLinearModule* c : columns) {
+    fused = fused && c != nullptr &&
+            &c->communicator() == &columns[0]->communicator() &&
+            !c->layer().options().sequence_parallel;
+  }
+  if (!fused) {
+    Tensor dx;
+    for (const auto& [module, grad] : parts) {
+      ASSIGN_OR_RETURN(Tensor d, module->Backward(grad));
+      if (!dx.defined()) {
+        dx = std::move(d);
+      } else {
+        RETURN_IF_ERROR(ops::AddInPlace(dx, d));
+      }
+    }
+    return dx;
+  }
+  // Partial input gradients summed locally; nothing is committed yet.
+  ASSIGN_OR_RETURN(Tensor dx, columns[0]->BackwardPartial(parts[0].second));
+  for (size_t i = 1; i < parts.size(); ++i) {
+    ASSIGN_OR_RETURN(Tensor d, columns[i]->BackwardPartial(parts[i].second));
+    RETURN_IF_ERROR(ops::AddInPlace(dx, d));
+  }
+  Communicator& comm = columns[0]->communicator();
+  if (comm.size() > 1) {
+    absl::Status s = comm.AllReduce(dx, ReduceOp::kSum);
+    if (!s.ok()) {
+      return absl::Status(s.code(),
+                          absl::StrCat(parts[0].first->DisplayName(),
+                                       " and its siblings: input-gradient "
+                                       "all-reduce: ",
+                                       s.message()));
+    }
+  }
+  for (ColumnParallelLinearModule* c : columns) {
+    RETURN_IF_ERROR(c->CommitBackward());
+  }
+  return dx;
 }
 
 }  // namespace tp

@@ -30,6 +30,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -52,6 +53,11 @@ class ColumnParallelLinearModule final : public Module {
 
   absl::StatusOr<Tensor> Forward(const Tensor& x) override;
   absl::StatusOr<Tensor> Backward(const Tensor& grad_out) override;
+  // The two-phase backward of ColumnParallelLinear (BackwardPartial,
+  // CommitBackward), for composites whose column children share one input:
+  // see ColumnSiblingsBackward below.
+  absl::StatusOr<Tensor> BackwardPartial(const Tensor& grad_out);
+  absl::Status CommitBackward();
   std::vector<ParameterShard> LocalParameters() const override;
   std::vector<ParameterShard> LocalGrads() const override;
   void ZeroLocalGrad() override;
@@ -125,6 +131,20 @@ class VocabParallelEmbeddingModule final : public Module {
   Communicator& comm_;
   std::unique_ptr<VocabParallelEmbedding> layer_;
 };
+
+// Backward of sibling modules that all read the SAME input x (q/k/v_proj,
+// gate/up_proj): `parts` pairs each module with the gradient of its output,
+// and the result is dL/dx, the sum of their input gradients. When every
+// module is a ColumnParallelLinearModule over one communicator, each computes
+// its partial input gradient locally and the sum is all-reduced ONCE (one
+// collective per attention or MLP block backward, as Megatron's fused QKV and
+// gate/up GEMMs; separate Backward calls would all-reduce per module); the
+// modules commit their gradients only after that all-reduce succeeded.
+// Otherwise (serial modules, mixed styles) each module's Backward runs in
+// turn and the results are summed. Errors: the modules' and the collective's,
+// unchanged; kInvalidArgument for an empty `parts`.
+absl::StatusOr<Tensor> ColumnSiblingsBackward(
+    const std::vector<std::pair<Module*, Tensor>>& parts);
 
 }  // namespace tp
 

@@ -5,7 +5,9 @@
 // update); a failed Forward leaves nothing for Backward to use.
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -13,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "layers/linear.h"
+#include "layers/parallel_modules.h"
 #include "layers/vocab_parallel.h"
 #include "runtime/status_macros.h"
 #include "tests/layers/layer_test_util.h"
@@ -232,6 +235,102 @@ TEST(LayersFailureTest, CrossEntropyFailures) {
               absl::StatusCode::kFailedPrecondition ||
           ce.token_losses().defined()) {
         return absl::InternalError("cross-entropy kept a failed Forward");
+      }
+      return absl::OkStatus();
+    });
+  }
+}
+
+// Two-phase column backward: BackwardPartial's unreduced input gradients,
+// summed over the group, equal Backward's input gradient, and
+// CommitBackward then accumulates exactly what Backward would have. Call
+// order and option errors.
+TEST(LayersFailureTest, ColumnTwoPhaseBackwardEqualsBackward) {
+  TP_EXPECT_OK(AllRanksOk(RunFake(
+      kTp, std::vector<FakeCommunicatorOptions>(kTp),
+      [&](Communicator& comm) -> absl::Status {
+        ColumnParallelLinear::Options o;
+        o.in_features = 8;
+        o.out_features = 12;
+        o.gather_output = false;
+        o.name = "q_proj";
+        ASSIGN_OR_RETURN(auto one, ColumnParallelLinear::Create(comm, o));
+        ASSIGN_OR_RETURN(auto two, ColumnParallelLinear::Create(comm, o));
+        const Tensor x = Input(4, 8, 21);
+        const Tensor dy = Input(4, 6, 22 + comm.rank());
+        if (two->CommitBackward().code() !=
+            absl::StatusCode::kFailedPrecondition) {
+          return absl::InternalError("CommitBackward without a pending grad");
+        }
+        RETURN_IF_ERROR(one->Forward(x).status());
+        ASSIGN_OR_RETURN(Tensor want, one->Backward(dy));
+        RETURN_IF_ERROR(two->Forward(x).status());
+        ASSIGN_OR_RETURN(Tensor dx, two->BackwardPartial(dy));
+        if (Snapshot(*two) !=
+            Snapshot(*ColumnParallelLinear::Create(comm, o).value())) {
+          return absl::InternalError("BackwardPartial changed a gradient");
+        }
+        RETURN_IF_ERROR(comm.AllReduce(dx, ReduceOp::kSum));
+        RETURN_IF_ERROR(two->CommitBackward());
+        if (dx.ToDoubles() != want.ToDoubles() ||
+            Snapshot(*two) != Snapshot(*one)) {
+          return absl::InternalError(
+              "two-phase backward differs from Backward");
+        }
+        if (two->CommitBackward().code() !=
+            absl::StatusCode::kFailedPrecondition) {
+          return absl::InternalError("a second CommitBackward ran");
+        }
+        // A Forward in between discards the pending gradient.
+        RETURN_IF_ERROR(two->Forward(x).status());
+        RETURN_IF_ERROR(two->BackwardPartial(dy).status());
+        RETURN_IF_ERROR(two->Forward(x).status());
+        if (two->CommitBackward().code() !=
+            absl::StatusCode::kFailedPrecondition) {
+          return absl::InternalError("a pending gradient survived Forward");
+        }
+        o.sequence_parallel = true;
+        ASSIGN_OR_RETURN(auto sp, ColumnParallelLinear::Create(comm, o));
+        RETURN_IF_ERROR(sp->Forward(Input(2, 8, 23)).status());
+        if (sp->BackwardPartial(Input(4, 6, 24)).status().code() !=
+            absl::StatusCode::kInvalidArgument) {
+          return absl::InternalError("BackwardPartial with sequence_parallel");
+        }
+        return absl::OkStatus();
+      })));
+}
+
+// ColumnSiblingsBackward over q/k/v-like column modules: one all-reduce
+// (call 0 of the backward); when it fails, no module's gradient changed.
+TEST(LayersFailureTest, ColumnSiblingsBackwardFailureKeepsGradients) {
+  for (int failing : {0, 1}) {
+    RunWithFailure(failing, 0, [&](Communicator& comm) -> absl::Status {
+      std::vector<std::unique_ptr<ColumnParallelLinearModule>> mods;
+      for (const char* name : {"q_proj", "k_proj", "v_proj"}) {
+        ColumnParallelLinear::Options o;
+        o.in_features = 8;
+        o.out_features = 12;
+        o.gather_output = false;
+        o.name = name;
+        ASSIGN_OR_RETURN(auto m, ColumnParallelLinearModule::Create(comm, o));
+        mods.push_back(std::move(m));
+      }
+      const Tensor x = Input(4, 8, 31);
+      std::vector<std::pair<Module*, Tensor>> parts;
+      std::vector<std::vector<Vec>> before;
+      for (auto& m : mods) {
+        RETURN_IF_ERROR(m->Forward(x).status());
+        parts.emplace_back(m.get(), Input(4, 6, 32 + comm.rank()));
+        before.push_back(Snapshot(m->layer()));
+      }
+      absl::Status s = ColumnSiblingsBackward(parts).status();
+      if (s.code() != absl::StatusCode::kUnavailable) {
+        return absl::InternalError(absl::StrCat(
+            "siblings backward: expected kUnavailable, got ", s.ToString()));
+      }
+      for (size_t i = 0; i < mods.size(); ++i) {
+        RETURN_IF_ERROR(
+            ExpectUnchanged(mods[i]->layer(), before[i], "siblings backward"));
       }
       return absl::OkStatus();
     });

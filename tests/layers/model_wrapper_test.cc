@@ -16,6 +16,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "comm/timed_communicator.h"
 #include "glog/logging.h"
 #include "gtest/gtest.h"
 #include "layers/decoder.h"
@@ -144,7 +145,9 @@ TEST_P(WrappedDecoderTest, LogitsLossAndGradientsEqualSerial) {
   const Tensor ids = IdTensor(Ids(kBatch * kSeq, c.vocab, 3), {kBatch, kSeq});
   const Tensor tgt = IdTensor(Ids(kBatch * kSeq, c.vocab, 4), {kBatch, kSeq});
   const SerialResult serial = RunSerial(c, ids, tgt);
-  TP_EXPECT_OK(RunGloo(tp, [&](Communicator& comm) -> absl::Status {
+  TP_EXPECT_OK(RunGloo(tp, [&](Communicator& gloo) -> absl::Status {
+    // Counted, to check how many collectives the backward makes.
+    TimedCommunicator comm(gloo);
     ASSIGN_OR_RETURN(auto wrapped,
                      DistributedModelWrapper::Create(SerialModel(c), comm));
     Decoder* dec = wrapped->module_as<Decoder>();
@@ -167,7 +170,19 @@ TEST_P(WrappedDecoderTest, LogitsLossAndGradientsEqualSerial) {
       return absl::InternalError(
           absl::StrCat("loss ", loss, " vs serial ", serial.loss));
     }
+    comm.Reset();
     RETURN_IF_ERROR(dec->BackwardLoss());
+    // Megatron's count: one all-reduce of the input gradient per attention
+    // (q/k/v together) and per MLP (gate/up together), one for the LM head;
+    // nothing else. None at TP = 1.
+    const CommStats& st = comm.stats();
+    const int64_t want_ar = tp > 1 ? 2 * c.layers + 1 : 0;
+    if (st.op(CommOp::kAllReduce).calls != want_ar ||
+        st.total().calls != st.op(CommOp::kAllReduce).calls) {
+      return absl::InternalError(
+          absl::StrCat("backward collectives: ", st.ToString(), "; want ",
+                       want_ar, " all-reduces and nothing else"));
+    }
     const std::vector<ParameterShard> grads = wrapped->grads();
     if (grads.size() != serial.grads.size()) {
       return absl::InternalError("parameter count differs");
