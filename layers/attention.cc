@@ -109,14 +109,11 @@ absl::StatusOr<Tensor> ParallelSelfAttention::Forward(const Tensor& x,
   }
   const int64_t b = layout.batch, s = layout.seq, d = head_dim_;
   const int64_t kv = local_kv_heads_, g = local_heads_ / local_kv_heads_;
-  if (cache != nullptr && cache->length() > 0) {
-    const Tensor& ck = cache->keys_;
-    if (ck.ndim() != 4 || ck.dim(0) != b || ck.dim(1) != kv || ck.dim(3) != d ||
-        ck.dtype() != o.dtype) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          o.name, ": KV cache holds ", ShapeToString(ck.shape()), " ",
-          DTypeName(ck.dtype()), ", expected [", b, ", ", kv, ", length, ", d,
-          "] ", DTypeName(o.dtype), " for batch ", b));
+  if (cache != nullptr) {
+    absl::Status fits = attention_core::CheckCache(*cache, b, kv, d, o.dtype);
+    if (!fits.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(o.name, ": ", fits.message()));
     }
   }
 
@@ -128,21 +125,23 @@ absl::StatusOr<Tensor> ParallelSelfAttention::Forward(const Tensor& x,
   ASSIGN_OR_RETURN(Tensor qv, qkv.Narrow(3, 0, g));
   ASSIGN_OR_RETURN(Tensor kview, qkv.Narrow(3, g, 1));
   ASSIGN_OR_RETURN(Tensor vview, qkv.Narrow(3, g + 1, 1));
-  const bool past = cache != nullptr && cache->length() > 0;
+  if (cache != nullptr) {
+    auto r = attention_core::ForwardCached(qv, kview, vview, *cache);
+    if (!r.ok()) {
+      return absl::Status(r.status().code(),
+                          absl::StrCat(o.name, ": ", r.status().message()));
+    }
+    ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(r->ctx));
+    *cache = std::move(r->next_cache);  // the step succeeded
+    return y;
+  }
   ASSIGN_OR_RETURN(
       attention_core::ForwardResult r,
-      attention_core::Forward(qv, kview, vview, past ? cache->keys_ : Tensor(),
-                              past ? cache->values_ : Tensor()));
+      attention_core::Forward(qv, kview, vview, Tensor(), Tensor()));
   ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(r.ctx));
-
-  if (cache != nullptr) {
-    cache->keys_ = std::move(r.keys);
-    cache->values_ = std::move(r.values);
-  } else {
-    layout_ = layout;
-    saved_ = std::move(r.saved);
-    has_forward_ = true;
-  }
+  layout_ = layout;
+  saved_ = std::move(r.saved);
+  has_forward_ = true;
   return y;
 }
 

@@ -44,7 +44,9 @@
 // for every position, the output of one Forward over the whole sequence
 // (within rounding). A cache belongs to one layer of one rank; a cached
 // Forward does not prepare a Backward (Backward after it is
-// kFailedPrecondition).
+// kFailedPrecondition). KVCache (layers/attention_core.h) keeps its
+// positions in buffers that double when full, so a step copies only its own
+// keys and values, and attention reads the cached ones in place.
 //
 // Calling contract (as layers/linear.h): every rank calls Create, Forward
 // and Backward in the same order with the same shapes; Backward needs a
@@ -99,27 +101,6 @@ struct TokenLayout {
   int64_t batch = 1;  // sequences, >= 1
   int64_t seq = 1;    // positions per sequence (this step's, with a cache)
   int64_t tokens() const { return batch * seq; }
-};
-
-// Keys and values of the positions seen so far, for one attention layer on
-// one rank. Create it empty; ParallelSelfAttention::Forward fills it.
-class KVCache {
- public:
-  KVCache() = default;
-  // Positions cached per sequence (0 when empty).
-  int64_t length() const { return keys_.defined() ? keys_.dim(2) : 0; }
-  // [batch, local kv heads, length, head_dim]; undefined when empty.
-  const Tensor& keys() const { return keys_; }
-  const Tensor& values() const { return values_; }
-  // Forgets every position (start a new batch of sequences).
-  void Clear() {
-    keys_ = Tensor();
-    values_ = Tensor();
-  }
-
- private:
-  friend class ParallelSelfAttention;
-  Tensor keys_, values_;
 };
 
 struct ParallelSelfAttentionOptions {

@@ -1,11 +1,52 @@
 #include "layers/attention_core.h"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "runtime/ops.h"
 #include "runtime/status_macros.h"
 
 namespace tp {
+
+// Reads and replaces a KVCache's buffers for ForwardCached.
+struct KVCacheAccess {
+  // Shallow: the result shares the buffers.
+  static Tensor KeyBuffer(const KVCache& c) { return c.key_buffer_; }
+  static Tensor ValueBuffer(const KVCache& c) { return c.value_buffer_; }
+  static void Set(KVCache& c, Tensor keys, Tensor values, int64_t length) {
+    c.key_buffer_ = std::move(keys);
+    c.value_buffer_ = std::move(values);
+    c.length_ = length;
+  }
+};
+
+namespace {
+
+// The first `length` positions of a [b, kv, capacity, d] buffer.
+Tensor Prefix(const Tensor& buffer, int64_t length) {
+  if (!buffer.defined() || length == 0) return Tensor();
+  absl::StatusOr<Tensor> view = buffer.Narrow(2, 0, length);
+  return view.ok() ? *std::move(view) : Tensor();
+}
+
+}  // namespace
+
+KVCache::KVCache(const KVCache& other) { *this = other; }
+
+KVCache& KVCache::operator=(const KVCache& other) {
+  if (this == &other) return *this;
+  // Only the cached positions are copied; the copy grows on its own.
+  key_buffer_ = other.length_ > 0 ? other.keys().Clone() : Tensor();
+  value_buffer_ = other.length_ > 0 ? other.values().Clone() : Tensor();
+  length_ = other.length_;
+  return *this;
+}
+
+Tensor KVCache::keys() const { return Prefix(key_buffer_, length_); }
+Tensor KVCache::values() const { return Prefix(value_buffer_, length_); }
+
 namespace attention_core {
 
 absl::StatusOr<Tensor> TokensToHeads(const Tensor& t) {
@@ -21,14 +62,38 @@ absl::StatusOr<Tensor> HeadsToTokens(const Tensor& t, int64_t n) {
   return ops::Transpose(a, 1, 2);                // [b, s, kv, n, d]
 }
 
+namespace {
+
+// q [b, kv, g s, d] (scaled) against keys/values [b, kv, S, d] (views
+// allowed): ctx [b * s, kv g d] and the probabilities [b, kv, g s, S].
+absl::Status Attend(const Tensor& q, const Tensor& keys, const Tensor& values,
+                    int64_t s, int64_t g, Tensor& ctx_out, Tensor& p_out) {
+  const int64_t b = q.dim(0), kv = q.dim(1), d = q.dim(3), total = keys.dim(2);
+  ASSIGN_OR_RETURN(Tensor scores, ops::BatchMatMul(q, keys, false, true));
+  // [b, kv, g s, S] -> [b, kv, g, s, S]: the causal mask is per (s, S).
+  ASSIGN_OR_RETURN(scores, scores.Reshape({b, kv, g, s, total}));
+  ASSIGN_OR_RETURN(Tensor p, ops::Softmax(scores, /*causal=*/true));
+  ASSIGN_OR_RETURN(p, p.Reshape({b, kv, g * s, total}));
+  ASSIGN_OR_RETURN(Tensor ctx, ops::BatchMatMul(p, values));  // [b, kv, g s, d]
+  ASSIGN_OR_RETURN(ctx, HeadsToTokens(ctx, g));  // [b, s, kv, g, d]
+  ASSIGN_OR_RETURN(ctx_out, ctx.Reshape({b * s, kv * g * d}));
+  p_out = std::move(p);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> ScaledQueryHeads(const Tensor& q5) {
+  ASSIGN_OR_RETURN(Tensor q, TokensToHeads(q5));  // [b, kv, g s, d]
+  return ops::Scale(q, 1.0 / std::sqrt(static_cast<double>(q5.dim(4))));
+}
+
+}  // namespace
+
 absl::StatusOr<ForwardResult> Forward(const Tensor& q5, const Tensor& k5,
                                       const Tensor& v5, const Tensor& past_keys,
                                       const Tensor& past_values) {
-  const int64_t b = q5.dim(0), s = q5.dim(1), kv = q5.dim(2), g = q5.dim(3),
-                d = q5.dim(4);
+  const int64_t s = q5.dim(1), g = q5.dim(3);
   ForwardResult r;
-  ASSIGN_OR_RETURN(Tensor q, TokensToHeads(q5));  // [b, kv, g s, d]
-  ASSIGN_OR_RETURN(q, ops::Scale(q, 1.0 / std::sqrt(static_cast<double>(d))));
+  ASSIGN_OR_RETURN(Tensor q, ScaledQueryHeads(q5));
   ASSIGN_OR_RETURN(Tensor k, TokensToHeads(k5));  // [b, kv, s, d]
   ASSIGN_OR_RETURN(Tensor v, TokensToHeads(v5));
   r.keys = k;
@@ -37,17 +102,62 @@ absl::StatusOr<ForwardResult> Forward(const Tensor& q5, const Tensor& k5,
     ASSIGN_OR_RETURN(r.keys, ops::Concat({past_keys, k}, 2));
     ASSIGN_OR_RETURN(r.values, ops::Concat({past_values, v}, 2));
   }
-  const int64_t total = r.keys.dim(2);
-  ASSIGN_OR_RETURN(Tensor scores, ops::BatchMatMul(q, r.keys, false, true));
-  // [b, kv, g s, S] -> [b, kv, g, s, S]: the causal mask is per (s, S).
-  ASSIGN_OR_RETURN(scores, scores.Reshape({b, kv, g, s, total}));
-  ASSIGN_OR_RETURN(Tensor p, ops::Softmax(scores, /*causal=*/true));
-  ASSIGN_OR_RETURN(p, p.Reshape({b, kv, g * s, total}));
-  ASSIGN_OR_RETURN(Tensor ctx,
-                   ops::BatchMatMul(p, r.values));  // [b, kv, g s, d]
-  ASSIGN_OR_RETURN(ctx, HeadsToTokens(ctx, g));     // [b, s, kv, g, d]
-  ASSIGN_OR_RETURN(r.ctx, ctx.Reshape({b * s, kv * g * d}));
+  Tensor p;
+  RETURN_IF_ERROR(Attend(q, r.keys, r.values, s, g, r.ctx, p));
   r.saved = Saved{q, k, v, p};
+  return r;
+}
+
+absl::Status CheckCache(const KVCache& cache, int64_t b, int64_t kv, int64_t d,
+                        DType dtype) {
+  if (cache.length() == 0) return absl::OkStatus();
+  const Tensor keys = cache.keys();
+  if (keys.dim(0) != b || keys.dim(1) != kv || keys.dim(3) != d ||
+      keys.dtype() != dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache holds ", ShapeToString(keys.shape()), " ",
+        DTypeName(keys.dtype()), ", expected [", b, ", ", kv, ", length, ", d,
+        "] ", DTypeName(dtype), " for batch ", b));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CachedResult> ForwardCached(const Tensor& q5, const Tensor& k5,
+                                           const Tensor& v5,
+                                           const KVCache& cache) {
+  const int64_t b = q5.dim(0), s = q5.dim(1), kv = q5.dim(2), g = q5.dim(3),
+                d = q5.dim(4);
+  const int64_t past = cache.length(), total = past + s;
+  RETURN_IF_ERROR(CheckCache(cache, b, kv, d, q5.dtype()));
+  ASSIGN_OR_RETURN(Tensor q, ScaledQueryHeads(q5));
+  ASSIGN_OR_RETURN(Tensor k, TokensToHeads(k5));  // [b, kv, s, d]
+  ASSIGN_OR_RETURN(Tensor v, TokensToHeads(v5));
+  CachedResult r;
+  Tensor kb, vb;
+  if (total <= cache.capacity()) {
+    // Shares the buffers; writes only past cache.length().
+    kb = KVCacheAccess::KeyBuffer(cache);
+    vb = KVCacheAccess::ValueBuffer(cache);
+  } else {
+    int64_t capacity = std::max<int64_t>(16, 2 * cache.capacity());
+    while (capacity < total) capacity *= 2;
+    kb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
+    vb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
+    if (past > 0) {
+      ASSIGN_OR_RETURN(Tensor kp, kb.Narrow(2, 0, past));
+      ASSIGN_OR_RETURN(Tensor vp, vb.Narrow(2, 0, past));
+      RETURN_IF_ERROR(kp.CopyFrom(cache.keys()));
+      RETURN_IF_ERROR(vp.CopyFrom(cache.values()));
+    }
+  }
+  ASSIGN_OR_RETURN(Tensor knew, kb.Narrow(2, past, s));
+  ASSIGN_OR_RETURN(Tensor vnew, vb.Narrow(2, past, s));
+  RETURN_IF_ERROR(knew.CopyFrom(k));
+  RETURN_IF_ERROR(vnew.CopyFrom(v));
+  KVCacheAccess::Set(r.next_cache, std::move(kb), std::move(vb), total);
+  Tensor p;
+  RETURN_IF_ERROR(
+      Attend(q, r.next_cache.keys(), r.next_cache.values(), s, g, r.ctx, p));
   return r;
 }
 

@@ -423,15 +423,9 @@ absl::StatusOr<Tensor> Attention::Forward(const Tensor& x,
         " with key/value heads dividing query heads (inconsistent plan?)"));
   }
   const int64_t g = lh / lkv;
-  if (cache != nullptr && past > 0) {
-    const Tensor& ck = cache->keys_;
-    if (ck.dim(0) != b || ck.dim(1) != lkv || ck.dim(3) != d ||
-        ck.dtype() != o.dtype) {
-      return Invalid(
-          who, absl::StrCat("KV cache holds ", ShapeToString(ck.shape()), " ",
-                            DTypeName(ck.dtype()), ", expected [", b, ", ", lkv,
-                            ", length, ", d, "] ", DTypeName(o.dtype)));
-    }
+  if (cache != nullptr) {
+    absl::Status fits = attention_core::CheckCache(*cache, b, lkv, d, o.dtype);
+    if (!fits.ok()) return Invalid(who, fits.message());
   }
   if (o.rope) {
     ASSIGN_OR_RETURN(q, ApplyRope(q, s, d, past, cos_, sin_, false));
@@ -440,23 +434,21 @@ absl::StatusOr<Tensor> Attention::Forward(const Tensor& x,
   ASSIGN_OR_RETURN(q, q.Reshape({b, s, lkv, g, d}));
   ASSIGN_OR_RETURN(k, k.Reshape({b, s, lkv, 1, d}));
   ASSIGN_OR_RETURN(v, v.Reshape({b, s, lkv, 1, d}));
-  const bool has_past = cache != nullptr && past > 0;
-  ASSIGN_OR_RETURN(
-      attention_core::ForwardResult r,
-      attention_core::Forward(q, k, v, has_past ? cache->keys_ : Tensor(),
-                              has_past ? cache->values_ : Tensor()));
-  ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
-
   if (cache != nullptr) {
-    cache->keys_ = std::move(r.keys);
-    cache->values_ = std::move(r.values);
-  } else {
-    layout_ = layout;
-    local_heads_ = lh;
-    local_kv_ = lkv;
-    saved_ = std::move(r.saved);
-    has_forward_ = true;
+    ASSIGN_OR_RETURN(attention_core::CachedResult r,
+                     attention_core::ForwardCached(q, k, v, *cache));
+    ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
+    *cache = std::move(r.next_cache);  // the step succeeded
+    return y;
   }
+  ASSIGN_OR_RETURN(attention_core::ForwardResult r,
+                   attention_core::Forward(q, k, v, Tensor(), Tensor()));
+  ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
+  layout_ = layout;
+  local_heads_ = lh;
+  local_kv_ = lkv;
+  saved_ = std::move(r.saved);
+  has_forward_ = true;
   return y;
 }
 

@@ -172,22 +172,8 @@ struct DecoderConfig {
 // ---------------------------------------------------------------------------
 
 // Keys and values of the positions seen so far, for one Attention module of
-// one rank. Create empty; Attention::Forward with a cache fills it.
-class AttentionCache {
- public:
-  AttentionCache() = default;
-  // Positions cached per sequence (0 when empty).
-  int64_t length() const { return keys_.defined() ? keys_.dim(2) : 0; }
-  // [batch, local kv heads, length, head_dim], rope applied to the keys;
-  // undefined when empty.
-  const Tensor& keys() const { return keys_; }
-  const Tensor& values() const { return values_; }
-  void Clear() { keys_ = values_ = Tensor(); }
-
- private:
-  friend class Attention;
-  Tensor keys_, values_;
-};
+// one rank (rope applied to the keys): the KVCache of layers/attention_core.h.
+using AttentionCache = KVCache;
 
 struct AttentionOptions {
   int64_t hidden = 0;        // > 0

@@ -329,6 +329,53 @@ class Matrix {
   int64_t ld_ = 1;
 };
 
+// The operand of a batched product as `batch` matrices [rows, cols] at
+// p + i * batch_stride with leading dimension ld. Views whose last dim is
+// unit-stride and whose batch dims collapse into one stride (e.g. a Narrow
+// along dim -2 or -1 of a KV-cache buffer) are used in place; anything else
+// is made contiguous (and converted to C).
+template <typename C>
+class BatchMatrix {
+ public:
+  explicit BatchMatrix(const Tensor& t) {
+    const int nd = t.ndim();
+    const int64_t rows = t.dim(-2), cols = t.dim(-1);
+    const std::vector<int64_t>& st = t.strides();
+    bool direct = t.dtype() == DTypeOf<C>::value &&
+                  (cols <= 1 || st[nd - 1] == 1) &&
+                  (rows <= 1 || st[nd - 2] >= cols);
+    // Batch dims of size > 1 must step by one stride: innermost first.
+    int64_t stride = -1, span = 1;
+    for (int d = nd - 3; direct && d >= 0; --d) {
+      if (t.dim(d) == 1) continue;
+      if (stride < 0) {
+        stride = st[d];
+      } else if (st[d] != stride * span) {
+        direct = false;
+      }
+      span *= t.dim(d);
+    }
+    if (direct) {
+      p_ = static_cast<const C*>(t.raw_data());
+      ld_ = rows <= 1 ? std::max<int64_t>(cols, 1) : st[nd - 2];
+      batch_stride_ = stride < 0 ? 0 : stride;
+      return;
+    }
+    in_ = std::make_unique<Input<C>>(t);
+    p_ = in_->data();
+    ld_ = std::max<int64_t>(cols, 1);
+    batch_stride_ = rows * cols;
+  }
+  const C* matrix(int64_t i) const { return p_ + i * batch_stride_; }
+  int64_t ld() const { return ld_; }
+
+ private:
+  std::unique_ptr<Input<C>> in_;
+  const C* p_ = nullptr;
+  int64_t ld_ = 1;
+  int64_t batch_stride_ = 0;
+};
+
 std::string TransNote(bool ta, bool tb) {
   if (ta && tb) return " (trans_a, trans_b)";
   if (ta) return " (trans_a)";
@@ -519,13 +566,14 @@ absl::StatusOr<Tensor> BatchMatMul(const Tensor& a, const Tensor& b,
   }
   return WithComputeType(a.dtype(), [&](auto tag) -> absl::StatusOr<Tensor> {
     using C = decltype(tag);
-    Input<C> ia(a);
-    Input<C> ib(b);
+    BatchMatrix<C> ma(a);
+    BatchMatrix<C> mb(b);
+    RETURN_IF_ERROR(CheckBlasInt("BatchMatMul", ma.ld(), "lda"));
+    RETURN_IF_ERROR(CheckBlasInt("BatchMatMul", mb.ld(), "ldb"));
     Output<C> out(std::move(out_shape), a.dtype());
-    const int64_t a_cols = a.dim(-1), b_cols = b.dim(-1);
     for (int64_t i = 0; i < batch; ++i) {
-      Gemm(trans_a, trans_b, m, n, k, 1.0, ia.data() + i * m * k, a_cols,
-           ib.data() + i * k * n, b_cols, 0.0, out.data() + i * m * n, n);
+      Gemm(trans_a, trans_b, m, n, k, 1.0, ma.matrix(i), ma.ld(), mb.matrix(i),
+           mb.ld(), 0.0, out.data() + i * m * n, n);
     }
     return out.Finish();
   });

@@ -90,7 +90,10 @@ absl::Status MatMulInto(const Tensor& a, const Tensor& b, Tensor& c,
 
 // Batched product for attention: a [..., M, K] (or [..., K, M] with
 // trans_a), b [..., K, N] (or [..., N, K] with trans_b), rank >= 3, with
-// identical leading (batch) dimensions. Returns [..., M, N].
+// identical leading (batch) dimensions. Returns [..., M, N]. Views (e.g. the
+// first L positions of a KV-cache buffer [B, H, capacity, D]) are read in
+// place, without a copy, when their last dim is unit-stride and their batch
+// dims step evenly.
 // kInvalidArgument: rank < 3, ranks or batch dimensions that differ, inner
 // dimensions that differ, dtypes.
 //

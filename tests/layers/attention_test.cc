@@ -150,18 +150,17 @@ TEST(ParallelSelfAttentionKVCache, GenerationEqualsFullSequenceForward) {
           const Vec xs = positions(x, p0, n);
           const int64_t rows = sp ? B * n / tp : B * n;
           const int64_t r0 = sp ? comm.rank() * rows : 0;
-          ASSIGN_OR_RETURN(
-              Tensor y,
-              attn->Forward(MakeTensor(RowSlice(xs, H, r0, rows), {rows, H},
-                                       DType::kFloat32),
-                            {B, n}, &cache));
+          ASSIGN_OR_RETURN(Tensor y,
+                           attn->Forward(MakeTensor(RowSlice(xs, H, r0, rows),
+                                                    {rows, H}, DType::kFloat32),
+                                         {B, n}, &cache));
           RETURN_IF_ERROR(CheckClose(
               y, RowSlice(positions(y_ref, p0, n), H, r0, rows), 1e-5,
               absl::StrCat("positions ", p0, "..", p0 + n - 1)));
           p0 += n;
           if (cache.length() != p0) {
-            return absl::InternalError(absl::StrCat("cache length ",
-                                                    cache.length(), " != ", p0));
+            return absl::InternalError(
+                absl::StrCat("cache length ", cache.length(), " != ", p0));
           }
         }
         // A cached Forward prepares no Backward.
@@ -189,6 +188,76 @@ TEST(ParallelSelfAttentionKVCache, GenerationEqualsFullSequenceForward) {
   }
 }
 
+// A cache that grows past its first capacities (16, 32 positions) keeps
+// giving the full-sequence outputs; views taken earlier stay unchanged; a
+// copy (fork) appends into its own storage: stepping the fork with other
+// inputs after the original does not disturb the original's positions.
+TEST(ParallelSelfAttentionKVCache, GrowsPastCapacityAndForksByCopy) {
+  for (int tp : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("tp ", tp));
+    block_ref::Dims d = AttnDims(12, 4);
+    d.batch = 2;
+    d.seq = 40;
+    const auto shapes = block_ref::AttentionShapes(d, "");
+    const block_ref::Params params = RandomParams(shapes, 41);
+    const int64_t B = d.batch, S = d.seq, H = d.hidden;
+    const Vec x = RandomVec(B * S * H, 42);
+    const Vec other = RandomVec(B * H, 43);
+    const Vec y_ref = block_ref::Attention(params, "", d, x);
+    auto positions = [&](const Vec& m, int64_t p0, int64_t n) {
+      Vec out;
+      for (int64_t b = 0; b < B; ++b) {
+        Vec r = RowSlice(m, H, b * S + p0, n);
+        out.insert(out.end(), r.begin(), r.end());
+      }
+      return out;
+    };
+    TP_EXPECT_OK(RunGloo(tp, [&](Communicator& comm) -> absl::Status {
+      ASSIGN_OR_RETURN(auto attn,
+                       ParallelSelfAttention::Create(
+                           comm, AttnOptions(d, false, DType::kFloat32)));
+      RETURN_IF_ERROR(LoadShards(attn->parameters(), params, shapes));
+      auto step = [&](KVCache& c, const Vec& rows, int64_t n) {
+        return attn->Forward(MakeTensor(rows, {B * n, H}, DType::kFloat32),
+                             {B, n}, &c);
+      };
+      KVCache cache, fork;
+      ASSIGN_OR_RETURN(Tensor y, step(cache, positions(x, 0, 3), 3));
+      RETURN_IF_ERROR(CheckClose(y, positions(y_ref, 0, 3), 1e-5, "prompt"));
+      const Tensor first_keys = cache.keys();
+      const Vec first_values = first_keys.ToDoubles();
+      if (cache.capacity() != 16) {
+        return absl::InternalError(
+            absl::StrCat("capacity ", cache.capacity(), " after 3"));
+      }
+      for (int64_t p = 3; p < S; ++p) {
+        if (p == 20) fork = cache;
+        ASSIGN_OR_RETURN(y, step(cache, positions(x, p, 1), 1));
+        RETURN_IF_ERROR(CheckClose(y, positions(y_ref, p, 1), 1e-5,
+                                   absl::StrCat("position ", p)));
+        if (p == 20) {
+          // The fork takes other inputs at the same position.
+          RETURN_IF_ERROR(step(fork, other, 1).status());
+          if (fork.length() != 21 ||
+              fork.keys().SharesStorageWith(cache.keys())) {
+            return absl::InternalError("the fork shares the original's cache");
+          }
+        }
+        const int64_t want_capacity = p + 1 <= 16 ? 16 : p + 1 <= 32 ? 32 : 64;
+        if (cache.length() != p + 1 || cache.capacity() != want_capacity) {
+          return absl::InternalError(
+              absl::StrCat("length ", cache.length(), " capacity ",
+                           cache.capacity(), " after position ", p));
+        }
+      }
+      if (first_keys.ToDoubles() != first_values) {
+        return absl::InternalError("an append changed an earlier view");
+      }
+      return absl::OkStatus();
+    }));
+  }
+}
+
 TEST(ParallelSelfAttentionFiniteDifference, BackwardMatchesFiniteDifferences) {
   block_ref::Dims d;
   d.batch = 2;
@@ -203,8 +272,9 @@ TEST(ParallelSelfAttentionFiniteDifference, BackwardMatchesFiniteDifferences) {
   const Vec x = RandomVec(T * H, 42);
   const Vec r = RandomVec(T * H, 43);
   TP_EXPECT_OK(RunGloo(2, [&](Communicator& comm) -> absl::Status {
-    ASSIGN_OR_RETURN(auto attn, ParallelSelfAttention::Create(
-                                    comm, AttnOptions(d, false, DType::kFloat64)));
+    ASSIGN_OR_RETURN(auto attn,
+                     ParallelSelfAttention::Create(
+                         comm, AttnOptions(d, false, DType::kFloat64)));
     RETURN_IF_ERROR(LoadShards(attn->parameters(), params, shapes));
     Tensor xt = MakeTensor(x, {T, H}, DType::kFloat64);
     auto loss = [&]() -> absl::StatusOr<double> {
@@ -226,15 +296,14 @@ TEST(ParallelSelfAttentionFiniteDifference, BackwardMatchesFiniteDifferences) {
 
 TEST(ParallelSelfAttentionErrors, IndivisibleHeadsAndBadShapes) {
   TP_EXPECT_OK(RunGloo(4, [&](Communicator& comm) -> absl::Status {
-    ParallelSelfAttention::Options o = AttnOptions(AttnDims(12, 6), false,
-                                                   DType::kFloat32);
+    ParallelSelfAttention::Options o =
+        AttnOptions(AttnDims(12, 6), false, DType::kFloat32);
     o.name = "layers.1.attention";
-    RETURN_IF_ERROR(ExpectError(
-        ParallelSelfAttention::Create(comm, o).status(),
-        absl::StatusCode::kInvalidArgument,
-        {"layers.1.attention", "num_kv_heads 6", "num_heads 12",
-         "tensor-parallel size 4"},
-        "kv heads % tp"));
+    RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
+                                absl::StatusCode::kInvalidArgument,
+                                {"layers.1.attention", "num_kv_heads 6",
+                                 "num_heads 12", "tensor-parallel size 4"},
+                                "kv heads % tp"));
     o.num_heads = 10;
     o.num_kv_heads = 4;
     RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
@@ -247,7 +316,8 @@ TEST(ParallelSelfAttentionErrors, IndivisibleHeadsAndBadShapes) {
     o.hidden = 50;
     RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
                                 absl::StatusCode::kInvalidArgument,
-                                {"hidden 50", "num_heads 12"}, "hidden % heads"));
+                                {"hidden 50", "num_heads 12"},
+                                "hidden % heads"));
     o.hidden = 48;
     o.num_heads = -1;
     RETURN_IF_ERROR(ExpectError(ParallelSelfAttention::Create(comm, o).status(),
@@ -257,10 +327,9 @@ TEST(ParallelSelfAttentionErrors, IndivisibleHeadsAndBadShapes) {
     ASSIGN_OR_RETURN(auto attn, ParallelSelfAttention::Create(comm, o));
     if (attn->head_dim() != 4) return absl::InternalError("head_dim default");
     const Tensor x = Tensor::Zeros({12, 48}, DType::kFloat32);
-    RETURN_IF_ERROR(ExpectError(attn->Forward(x, {5, 2}).status(),
-                                absl::StatusCode::kInvalidArgument,
-                                {"layers.1.attention", "batch 5", "seq 2", "12 rows"},
-                                "layout"));
+    RETURN_IF_ERROR(ExpectError(
+        attn->Forward(x, {5, 2}).status(), absl::StatusCode::kInvalidArgument,
+        {"layers.1.attention", "batch 5", "seq 2", "12 rows"}, "layout"));
     RETURN_IF_ERROR(ExpectError(
         attn->Forward(Tensor::Zeros({2, 6, 48}, DType::kFloat32), {2, 6})
             .status(),

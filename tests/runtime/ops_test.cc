@@ -324,6 +324,51 @@ TEST_P(OpsTest, BatchMatMulAllTransposes) {
   }
 }
 
+// Views as operands: the first rows/cols of a larger buffer (read in place)
+// and a slice along a batch dim (copied first) give the same products as
+// their contiguous copies.
+TEST_P(OpsTest, BatchMatMulOfViews) {
+  const int64_t m = 3, k = 5, n = 4;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      for (bool batch_slice : {false, true}) {
+        SCOPED_TRACE(
+            absl::StrCat("ta=", ta, " tb=", tb, " batch_slice=", batch_slice));
+        const Shape as = ta ? Shape{k, m} : Shape{m, k};
+        const Shape bs = tb ? Shape{n, k} : Shape{k, n};
+        // Buffers with room to spare in the last two dims and in dim 1.
+        Tensor abuf = Rand({2, 4, as[0] + 3, as[1] + 2}, 31);
+        Tensor bbuf = Rand({2, 4, bs[0] + 1, bs[1] + 3}, 32);
+        const int64_t b1 = batch_slice ? 3 : 4;
+        Tensor a = abuf.Narrow(1, 0, b1)
+                       .value()
+                       .Narrow(2, 2, as[0])
+                       .value()
+                       .Narrow(3, 1, as[1])
+                       .value();
+        Tensor b = bbuf.Narrow(1, 4 - b1, b1)
+                       .value()
+                       .Narrow(2, 0, bs[0])
+                       .value()
+                       .Narrow(3, 0, bs[1])
+                       .value();
+        ASSERT_FALSE(a.is_contiguous());
+        auto c = BatchMatMul(a, b, ta, tb);
+        ASSERT_TRUE(c.ok()) << c.status();
+        const Vec av = a.ToDoubles(), bv = b.ToDoubles();
+        Vec want;
+        for (int64_t i = 0; i < 2 * b1; ++i) {
+          const Vec ai(av.begin() + i * m * k, av.begin() + (i + 1) * m * k);
+          const Vec bi(bv.begin() + i * k * n, bv.begin() + (i + 1) * k * n);
+          const Vec ci = RefMatMul(ai, bi, m, k, n, ta, tb);
+          want.insert(want.end(), ci.begin(), ci.end());
+        }
+        ExpectClose(*c, want, {2, b1, m, n}, dt());
+      }
+    }
+  }
+}
+
 TEST_P(OpsTest, ElementwiseArithmetic) {
   Tensor a = Rand({3, 4, 5}, 15);
   Tensor b = Rand({3, 4, 5}, 16);
