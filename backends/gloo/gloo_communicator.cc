@@ -472,10 +472,45 @@ bool IsTimeoutMessage(absl::string_view what) {
          absl::StrContains(lower, "timeout");
 }
 
-uint64_t P2PSlot(uint32_t message, int src, int dst, int which) {
+// Bits 3..23 of a Send/Recv data slot: 21 bits of FNV-1a over the tensor's
+// dtype and shape, so a Send and a Recv that disagree use different slots
+// and never exchange data. Without it, and without the header exchange
+// (check_consistency=off), such a pair "succeeded": a test saw OK on both
+// ranks for a Recv 3 elements longer than its Send and for float32 read as
+// int32. Now they time out instead.
+uint64_t P2PFingerprint(const Tensor& t) {
+  uint64_t hash = 0xcbf29ce484222325ull;
+  auto mix = [&hash](int64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      hash = (hash ^ ((static_cast<uint64_t>(v) >> (8 * i)) & 0xff)) *
+             0x100000001b3ull;
+    }
+  };
+  mix(static_cast<int64_t>(t.dtype()));
+  mix(t.ndim());
+  for (int64_t d : t.shape()) mix(d);
+  return (hash ^ (hash >> 21) ^ (hash >> 42)) & ((uint64_t{1} << 21) - 1);
+}
+
+// Without the header exchange a Send and a Recv that disagree time out
+// (their slots differ): say so in the error.
+absl::Status P2PTimeoutHint(const absl::Status& s, ConsistencyCheck mode) {
+  if (mode != ConsistencyCheck::kOff ||
+      s.code() != absl::StatusCode::kDeadlineExceeded) {
+    return s;
+  }
+  return absl::Status(
+      s.code(), absl::StrCat(s.message(),
+                             " (check_consistency=off: a Send and a Recv that "
+                             "differ in shape or dtype wait for each other "
+                             "until the timeout)"));
+}
+
+uint64_t P2PSlot(uint32_t message, int src, int dst, int which,
+                 uint64_t fingerprint = 0) {
   const uint64_t direction = src < dst ? 0 : 3;
   return (kP2PSlotPrefix << 56) | (static_cast<uint64_t>(message) << 24) |
-         (direction + static_cast<uint64_t>(which));
+         (fingerprint << 3) | (direction + static_cast<uint64_t>(which));
 }
 
 bool IsLoopback(const struct sockaddr* addr) {
@@ -1461,11 +1496,12 @@ absl::Status GlooCommunicator::SendLocked(const Tensor& t, int dst) {
     if (t.nbytes() == 0) return absl::OkStatus();
   }
   bool sent = true;
-  RETURN_IF_ERROR(Guarded("Send", [&] {
+  absl::Status data = Guarded("Send", [&] {
     auto buffer = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
-    buffer->send(dst, P2PSlot(seq, rank_, dst, 2));
+    buffer->send(dst, P2PSlot(seq, rank_, dst, 2, P2PFingerprint(t)));
     sent = buffer->waitSend(Remaining(deadline));
-  }));
+  });
+  if (!data.ok()) return P2PTimeoutHint(data, options_.check_consistency);
   if (!sent) {
     broken_ = absl::InternalError(
         absl::StrCat("gloo Send on rank ", rank_, ": the send was aborted"));
@@ -1501,11 +1537,12 @@ absl::Status GlooCommunicator::RecvLocked(Tensor& t, int src) {
     if (t.nbytes() == 0) return absl::OkStatus();
   }
   bool received = true;
-  RETURN_IF_ERROR(Guarded("Recv", [&] {
+  absl::Status data = Guarded("Recv", [&] {
     auto buffer = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
-    buffer->recv(src, P2PSlot(seq, src, rank_, 2));
+    buffer->recv(src, P2PSlot(seq, src, rank_, 2, P2PFingerprint(t)));
     received = buffer->waitRecv(Remaining(deadline));
-  }));
+  });
+  if (!data.ok()) return P2PTimeoutHint(data, options_.check_consistency);
   if (!received) {
     broken_ = absl::InternalError(
         absl::StrCat("gloo Recv on rank ", rank_, ": the receive was aborted"));

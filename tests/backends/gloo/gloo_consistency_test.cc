@@ -402,6 +402,56 @@ TEST(GlooConsistencyTest, OffModeMismatchIsAnErrorNotAnAbort) {
       {"disagree", "[10000]", "[10002]"});
 }
 
+// Without the header exchange, a Recv of another size or dtype than its Send
+// (same byte count for float32 vs int32) times out on both ranks within the
+// timeout + 1 s, with a hint, instead of aborting inside Gloo; a matching
+// pair before and after the first one in a fresh group still works.
+TEST(GlooConsistencyTest, OffModeSendRecvMismatchTimesOutInsteadOfAborting) {
+  const absl::Duration timeout = absl::Seconds(1);
+  struct Case {
+    DType recv_dtype;
+    int64_t recv_elements;
+  };
+  for (const Case& c :
+       {Case{DType::kFloat32, kBig + 3}, Case{DType::kInt32, kBig}}) {
+    SCOPED_TRACE(DTypeName(c.recv_dtype));
+    absl::Status status = AllRanksOk(RunRanks(
+        2, [&](int rank, std::shared_ptr<Store> store) -> absl::Status {
+          ASSIGN_OR_RETURN(
+              std::unique_ptr<Communicator> comm,
+              CreateTestCommunicator("gloo", rank, 2, store,
+                                     Mode(ConsistencyCheck::kOff, timeout)));
+          // A matching pair first: the slots of a good pair still meet.
+          Tensor good = Tensor::Full({kBig}, 7.0, DType::kFloat32);
+          if (rank == 0) {
+            RETURN_IF_ERROR(comm->Send(good, 1));
+          } else {
+            Tensor in = Tensor::Zeros({kBig}, DType::kFloat32);
+            RETURN_IF_ERROR(comm->Recv(in, 0));
+            RETURN_IF_ERROR(CheckValues(in, std::vector<double>(kBig, 7.0),
+                                        "matching Recv"));
+          }
+          const absl::Time start = absl::Now();
+          absl::Status s;
+          if (rank == 0) {
+            s = comm->Send(good, 1);
+          } else {
+            Tensor in = Tensor::Zeros({c.recv_elements}, c.recv_dtype);
+            s = comm->Recv(in, 0);
+          }
+          const absl::Duration took = absl::Now() - start;
+          if (took > timeout + absl::Seconds(1)) {
+            return absl::InternalError(
+                absl::StrCat("returned after ", absl::FormatDuration(took)));
+          }
+          return ExpectCode(
+              s, absl::StatusCode::kDeadlineExceeded,
+              {rank == 0 ? "Send" : "Recv", "check_consistency=off"});
+        }));
+    EXPECT_TRUE(status.ok()) << status;
+  }
+}
+
 TEST(GlooConsistencyTest, TimeoutNamesTheRankThatNeverArrived) {
   const absl::Duration timeout = absl::Seconds(1);
   for (ConsistencyCheck mode :
