@@ -135,9 +135,8 @@ absl::StatusOr<Tensor> ParallelSelfAttention::Forward(const Tensor& x,
     *cache = std::move(r->next_cache);  // the step succeeded
     return y;
   }
-  ASSIGN_OR_RETURN(
-      attention_core::ForwardResult r,
-      attention_core::Forward(qv, kview, vview, Tensor(), Tensor()));
+  ASSIGN_OR_RETURN(attention_core::ForwardResult r,
+                   attention_core::Forward(qv, kview, vview));
   ASSIGN_OR_RETURN(Tensor y, o_proj_->Forward(r.ctx));
   layout_ = layout;
   saved_ = std::move(r.saved);

@@ -10,14 +10,29 @@
 
 namespace tp {
 
-// Reads and replaces a KVCache's buffers for ForwardCached.
+// ForwardCached's view of a KVCache.
 struct KVCacheAccess {
   // Shallow: the result shares the buffers.
   static Tensor KeyBuffer(const KVCache& c) { return c.key_buffer_; }
   static Tensor ValueBuffer(const KVCache& c) { return c.value_buffer_; }
-  static void Set(KVCache& c, Tensor keys, Tensor values, int64_t length) {
+  // Whether `c` may append in place: it holds the end of its buffers.
+  static bool OwnsEnd(const KVCache& c) {
+    return c.end_ != nullptr && *c.end_ == c.length_;
+  }
+  // `c` takes the buffers of `from` (shared) and `length` positions; the
+  // buffers' end moves to `length`.
+  static void Extend(KVCache& c, const KVCache& from, int64_t length) {
+    c.key_buffer_ = from.key_buffer_;
+    c.value_buffer_ = from.value_buffer_;
+    c.end_ = from.end_;
+    *c.end_ = length;
+    c.length_ = length;
+  }
+  // `c` takes new buffers holding `length` positions.
+  static void Adopt(KVCache& c, Tensor keys, Tensor values, int64_t length) {
     c.key_buffer_ = std::move(keys);
     c.value_buffer_ = std::move(values);
+    c.end_ = std::make_shared<int64_t>(length);
     c.length_ = length;
   }
 };
@@ -37,15 +52,54 @@ KVCache::KVCache(const KVCache& other) { *this = other; }
 
 KVCache& KVCache::operator=(const KVCache& other) {
   if (this == &other) return *this;
+  if (other.length_ == 0) {
+    *this = KVCache();
+    return *this;
+  }
   // Only the cached positions are copied; the copy grows on its own.
-  key_buffer_ = other.length_ > 0 ? other.keys().Clone() : Tensor();
-  value_buffer_ = other.length_ > 0 ? other.values().Clone() : Tensor();
-  length_ = other.length_;
+  KVCacheAccess::Adopt(*this, other.keys().Clone(), other.values().Clone(),
+                       other.length_);
+  return *this;
+}
+
+KVCache::KVCache(KVCache&& other) noexcept
+    : key_buffer_(std::move(other.key_buffer_)),
+      value_buffer_(std::move(other.value_buffer_)),
+      end_(std::move(other.end_)),
+      length_(std::exchange(other.length_, 0)) {
+  other.key_buffer_ = other.value_buffer_ = Tensor();
+  other.end_.reset();
+}
+
+KVCache& KVCache::operator=(KVCache&& other) noexcept {
+  if (this == &other) return *this;
+  key_buffer_ = std::move(other.key_buffer_);
+  value_buffer_ = std::move(other.value_buffer_);
+  end_ = std::move(other.end_);
+  length_ = std::exchange(other.length_, 0);
+  other.key_buffer_ = other.value_buffer_ = Tensor();
+  other.end_.reset();
   return *this;
 }
 
 Tensor KVCache::keys() const { return Prefix(key_buffer_, length_); }
 Tensor KVCache::values() const { return Prefix(value_buffer_, length_); }
+
+absl::Status KVCache::Truncate(int64_t length) {
+  if (length < 0 || length > length_) {
+    return absl::InvalidArgumentError(absl::StrCat("KVCache::Truncate: length ",
+                                                   length, " is outside [0, ",
+                                                   length_, "]"));
+  }
+  if (length == 0) {
+    Clear();
+    return absl::OkStatus();
+  }
+  // The positions beyond stay in the buffers (other caches or views may hold
+  // them); this cache no longer owns the end, so its next append copies.
+  length_ = length;
+  return absl::OkStatus();
+}
 
 namespace attention_core {
 
@@ -89,21 +143,14 @@ absl::StatusOr<Tensor> ScaledQueryHeads(const Tensor& q5) {
 }  // namespace
 
 absl::StatusOr<ForwardResult> Forward(const Tensor& q5, const Tensor& k5,
-                                      const Tensor& v5, const Tensor& past_keys,
-                                      const Tensor& past_values) {
+                                      const Tensor& v5) {
   const int64_t s = q5.dim(1), g = q5.dim(3);
   ForwardResult r;
   ASSIGN_OR_RETURN(Tensor q, ScaledQueryHeads(q5));
   ASSIGN_OR_RETURN(Tensor k, TokensToHeads(k5));  // [b, kv, s, d]
   ASSIGN_OR_RETURN(Tensor v, TokensToHeads(v5));
-  r.keys = k;
-  r.values = v;
-  if (past_keys.defined() && past_keys.dim(2) > 0) {
-    ASSIGN_OR_RETURN(r.keys, ops::Concat({past_keys, k}, 2));
-    ASSIGN_OR_RETURN(r.values, ops::Concat({past_values, v}, 2));
-  }
   Tensor p;
-  RETURN_IF_ERROR(Attend(q, r.keys, r.values, s, g, r.ctx, p));
+  RETURN_IF_ERROR(Attend(q, k, v, s, g, r.ctx, p));
   r.saved = Saved{q, k, v, p};
   return r;
 }
@@ -124,7 +171,8 @@ absl::Status CheckCache(const KVCache& cache, int64_t b, int64_t kv, int64_t d,
 
 absl::StatusOr<CachedResult> ForwardCached(const Tensor& q5, const Tensor& k5,
                                            const Tensor& v5,
-                                           const KVCache& cache) {
+                                           const KVCache& cache,
+                                           int64_t max_positions) {
   const int64_t b = q5.dim(0), s = q5.dim(1), kv = q5.dim(2), g = q5.dim(3),
                 d = q5.dim(4);
   const int64_t past = cache.length(), total = past + s;
@@ -133,28 +181,31 @@ absl::StatusOr<CachedResult> ForwardCached(const Tensor& q5, const Tensor& k5,
   ASSIGN_OR_RETURN(Tensor k, TokensToHeads(k5));  // [b, kv, s, d]
   ASSIGN_OR_RETURN(Tensor v, TokensToHeads(v5));
   CachedResult r;
-  Tensor kb, vb;
-  if (total <= cache.capacity()) {
-    // Shares the buffers; writes only past cache.length().
-    kb = KVCacheAccess::KeyBuffer(cache);
-    vb = KVCacheAccess::ValueBuffer(cache);
+  if (total <= cache.capacity() && KVCacheAccess::OwnsEnd(cache)) {
+    // Room at the end, and nobody else holds positions there.
+    KVCacheAccess::Extend(r.next_cache, cache, total);
   } else {
     int64_t capacity = std::max<int64_t>(16, 2 * cache.capacity());
     while (capacity < total) capacity *= 2;
-    kb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
-    vb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
+    if (max_positions > 0) {
+      capacity = std::max(total, std::min(capacity, max_positions));
+    }
+    Tensor kb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
+    Tensor vb = Tensor::Empty({b, kv, capacity, d}, q5.dtype());
     if (past > 0) {
       ASSIGN_OR_RETURN(Tensor kp, kb.Narrow(2, 0, past));
       ASSIGN_OR_RETURN(Tensor vp, vb.Narrow(2, 0, past));
       RETURN_IF_ERROR(kp.CopyFrom(cache.keys()));
       RETURN_IF_ERROR(vp.CopyFrom(cache.values()));
     }
+    KVCacheAccess::Adopt(r.next_cache, std::move(kb), std::move(vb), total);
   }
-  ASSIGN_OR_RETURN(Tensor knew, kb.Narrow(2, past, s));
-  ASSIGN_OR_RETURN(Tensor vnew, vb.Narrow(2, past, s));
+  ASSIGN_OR_RETURN(Tensor knew,
+                   KVCacheAccess::KeyBuffer(r.next_cache).Narrow(2, past, s));
+  ASSIGN_OR_RETURN(Tensor vnew,
+                   KVCacheAccess::ValueBuffer(r.next_cache).Narrow(2, past, s));
   RETURN_IF_ERROR(knew.CopyFrom(k));
   RETURN_IF_ERROR(vnew.CopyFrom(v));
-  KVCacheAccess::Set(r.next_cache, std::move(kb), std::move(vb), total);
   Tensor p;
   RETURN_IF_ERROR(
       Attend(q, r.next_cache.keys(), r.next_cache.values(), s, g, r.ctx, p));

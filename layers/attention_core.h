@@ -1,7 +1,7 @@
 // The attention arithmetic shared by ParallelSelfAttention (attention.h) and
 // the decoder's Attention module (decoder.h): grouped-query, causal, scaled
-// dot-product attention over one rank's heads, forward and backward, with
-// keys and values of earlier positions (a KV cache) prepended.
+// dot-product attention over one rank's heads, forward and backward, and a
+// KV cache for generation.
 //
 // Layouts: per token [b, s, kv, n, d] (batch, sequence, key/value heads,
 // query heads per key/value head, head dim); per head [b, kv, n * s, d]. The
@@ -10,6 +10,7 @@
 #define TENSOR_PARALLEL_LAYERS_ATTENTION_CORE_H_
 
 #include <cstdint>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -23,20 +24,30 @@ namespace tp {
 // empty; a Forward with the cache fills it.
 //
 // Storage: buffers [batch, local kv heads, capacity, head_dim] that grow
-// geometrically (capacity doubles, starting at 16 positions), so appending
-// a token copies only its own keys and values (amortised), and attention
-// reads the cached positions in place (ops::BatchMatMul on views). Appends
-// never modify positions already cached, so views returned by keys() and
-// values() stay valid and unchanged. Copying a KVCache copies its positions
-// (a fork, e.g. for beam search, must not share the space it appends into);
-// moving it is free.
+// geometrically (capacity doubles from 16 positions, capped by the caller's
+// limit, e.g. max_seq), so appending a token copies only its own keys and
+// values (amortised), and attention reads the cached positions in place
+// (ops::BatchMatMul on views; fp16/bf16 caches are converted to float32 for
+// the product, which copies them per step). Appends never modify positions
+// that a cache or a view returned by keys()/values() holds: a cache appends
+// in place only while it owns the end of its buffers, otherwise (a second
+// step from the same state, a truncated cache) it copies into new ones.
+// Copying a KVCache copies its positions (a fork, e.g. for beam search);
+// moving it is free and leaves the source empty. Not thread-safe.
+//
+// Example (one layer, prompt then one token at a time):
+//   tp::KVCache cache;
+//   ASSIGN_OR_RETURN(y, attn->Forward(prompt, {batch, prompt_len}, &cache));
+//   ASSIGN_OR_RETURN(y, attn->Forward(next_token, {batch, 1}, &cache));
+//   // cache.length() == prompt_len + 1
+//   RETURN_IF_ERROR(cache.Truncate(prompt_len));  // drop the last token
 class KVCache {
  public:
   KVCache() = default;
   KVCache(const KVCache& other);
   KVCache& operator=(const KVCache& other);
-  KVCache(KVCache&&) = default;
-  KVCache& operator=(KVCache&&) = default;
+  KVCache(KVCache&& other) noexcept;
+  KVCache& operator=(KVCache&& other) noexcept;
 
   // Positions cached per sequence (0 when empty).
   int64_t length() const { return length_; }
@@ -48,12 +59,18 @@ class KVCache {
   // the keys); undefined when empty.
   Tensor keys() const;
   Tensor values() const;
+  // Keeps the first `length` positions (roll back rejected tokens or a
+  // failed step). kInvalidArgument unless 0 <= length <= length().
+  absl::Status Truncate(int64_t length);
   // Forgets every position and frees the buffers (start a new batch).
   void Clear() { *this = KVCache(); }
 
  private:
   friend struct KVCacheAccess;
   Tensor key_buffer_, value_buffer_;
+  // Positions written into the buffers by any cache sharing them; a cache
+  // may append in place only when *end_ == length_.
+  std::shared_ptr<int64_t> end_;
   int64_t length_ = 0;
 };
 
@@ -71,39 +88,37 @@ struct Saved {
 };
 
 struct ForwardResult {
-  Tensor ctx;           // [b * s, kv * g * d]
-  Tensor keys, values;  // [b, kv, past + s, d]: the past and this call's
+  Tensor ctx;  // [b * s, kv * g * d]
   Saved saved;
 };
 
-// q: [b, s, kv, g, d]; k, v: [b, s, kv, 1, d]. past_keys / past_values:
-// [b, kv, past, d], or undefined for none. Query position i (of s) attends to
-// the past and to this call's positions up to i. kInvalidArgument (from the
-// ops) for inconsistent shapes.
+// q: [b, s, kv, g, d]; k, v: [b, s, kv, 1, d]. Query position i attends to
+// positions 0..i (causal). kInvalidArgument (from the ops) for inconsistent
+// shapes.
 absl::StatusOr<ForwardResult> Forward(const Tensor& q, const Tensor& k,
-                                      const Tensor& v, const Tensor& past_keys,
-                                      const Tensor& past_values);
+                                      const Tensor& v);
 
-// Forward with a KV cache: k and v of this call are appended after the
-// cache's positions and every query attends to the cached positions and to
-// this call's up to itself. `cache` is not modified: the result's
-// `next_cache` holds the appended positions (it may share buffers with
-// `cache`, writing only beyond cache.length()); the caller moves it into
-// place once the rest of its step has succeeded. `saved` is left empty.
-// kInvalidArgument when the cache holds another batch, head count, head dim
-// or dtype.
 // OK when `cache` is empty or holds [b, kv, length, d] of `dtype`; else
 // kInvalidArgument "KV cache holds ..., expected ...".
 absl::Status CheckCache(const KVCache& cache, int64_t b, int64_t kv, int64_t d,
                         DType dtype);
 
+// Forward with a KV cache (no Backward): k and v of this call are appended
+// after the cache's positions, and query i of the call attends to every
+// cached position and to the call's positions up to i. `cache` is not
+// modified: the result's next_cache holds the appended positions (sharing
+// buffers with `cache` when there is room), and the caller moves it into
+// place once the rest of its step has succeeded. `max_positions` > 0 caps
+// the buffers' growth (they still hold at least length + s). kInvalidArgument
+// from CheckCache.
 struct CachedResult {
   Tensor ctx;  // [b * s, kv * g * d]
   KVCache next_cache;
 };
 absl::StatusOr<CachedResult> ForwardCached(const Tensor& q, const Tensor& k,
                                            const Tensor& v,
-                                           const KVCache& cache);
+                                           const KVCache& cache,
+                                           int64_t max_positions = 0);
 
 struct Grads {
   Tensor dq;      // [b, s, kv, g, d]

@@ -436,13 +436,13 @@ absl::StatusOr<Tensor> Attention::Forward(const Tensor& x,
   ASSIGN_OR_RETURN(v, v.Reshape({b, s, lkv, 1, d}));
   if (cache != nullptr) {
     ASSIGN_OR_RETURN(attention_core::CachedResult r,
-                     attention_core::ForwardCached(q, k, v, *cache));
+                     attention_core::ForwardCached(q, k, v, *cache, o.max_seq));
     ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
     *cache = std::move(r.next_cache);  // the step succeeded
     return y;
   }
   ASSIGN_OR_RETURN(attention_core::ForwardResult r,
-                   attention_core::Forward(q, k, v, Tensor(), Tensor()));
+                   attention_core::Forward(q, k, v));
   ASSIGN_OR_RETURN(Tensor y, o_proj->Forward(r.ctx));
   layout_ = layout;
   local_heads_ = lh;
@@ -941,12 +941,24 @@ absl::StatusOr<Tensor> Decoder::ForwardStep(const Tensor& ids,
                                             DecoderCache& cache) {
   ASSIGN_OR_RETURN(TokenLayout layout, CheckIds(ids, "ids", cache.length()));
   has_forward_ = has_loss_ = false;
-  ASSIGN_OR_RETURN(Module * head, Child(*this, "lm_head"));
-  ASSIGN_OR_RETURN(Tensor h, Trunk(ids, layout, &cache));  // [B*S, H]
-  ASSIGN_OR_RETURN(h, h.Reshape({layout.batch, layout.seq, h.dim(1)}));
-  ASSIGN_OR_RETURN(h, h.Narrow(1, layout.seq - 1, 1));
-  ASSIGN_OR_RETURN(h, h.Reshape({layout.batch, h.dim(2)}));
-  return head->Forward(h);
+  const int64_t before = cache.length();
+  auto step = [&]() -> absl::StatusOr<Tensor> {
+    ASSIGN_OR_RETURN(Module * head, Child(*this, "lm_head"));
+    ASSIGN_OR_RETURN(Tensor h, Trunk(ids, layout, &cache));  // [B*S, H]
+    ASSIGN_OR_RETURN(h, h.Reshape({layout.batch, layout.seq, h.dim(1)}));
+    ASSIGN_OR_RETURN(h, h.Narrow(1, layout.seq - 1, 1));
+    ASSIGN_OR_RETURN(h, h.Reshape({layout.batch, h.dim(2)}));
+    return head->Forward(h);
+  };
+  absl::StatusOr<Tensor> logits = step();
+  if (!logits.ok()) {
+    // Layers before the failing one have appended this step: roll them
+    // back, so that every layer holds the same positions as before.
+    for (AttentionCache& c : cache.layers_) {
+      if (c.length() > before) c.Truncate(before).IgnoreError();
+    }
+  }
+  return logits;
 }
 
 absl::StatusOr<Tensor> Decoder::GreedyTokens(const Tensor& logits) {

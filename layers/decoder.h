@@ -46,9 +46,9 @@
 // Hugging Face names need separate q/k/v and gate/up projections (those
 // blocks fuse them), and because a plan can then be any mapping of names to
 // styles, checked by each composite's CheckChildStyles. The backward pass
-// still makes Megatron's 2 all-reduces per layer, not 5: q, k and v (and
-// gate, up) each compute their partial input gradient, and their sum is
-// all-reduced once (ColumnSiblingsBackward in layers/parallel_modules.h).
+// makes Megatron's 2 all-reduces per layer: q, k and v (and gate, up) each
+// compute their partial input gradient, and their sum is all-reduced once
+// (ColumnSiblingsBackward in layers/parallel_modules.h).
 //
 // Logits and loss. Forward returns logits [batch, seq, V_local] where
 // V_local = vocab / tp and rank r holds ids [r V_local, (r + 1) V_local)
@@ -62,6 +62,7 @@
 // argmax over the full vocabulary (an all-reduce of the local maxima and of
 // the first index that reaches it, so ties go to the smallest id and every
 // rank gets the same tokens); Generate loops prefill + one token at a time.
+// A ForwardStep that fails leaves the DecoderCache with the positions it had.
 //
 // Calling contract (as layers/linear.h): under tensor parallelism every rank
 // of the group calls the same methods in the same order with the same ids.

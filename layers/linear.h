@@ -153,11 +153,16 @@ class ColumnParallelLinear {
   // input gradient grad W_local (x's shape) and keeps grad_out pending; it
   // communicates nothing and changes no gradient. kInvalidArgument with
   // sequence_parallel; otherwise Backward's errors.
+  // The pending gradient shares grad_out's storage: do not modify grad_out
+  // in place before CommitBackward.
   // CommitBackward: accumulates the pending gradients into grads() and
   // consumes the cached input, as the end of Backward does.
-  // kFailedPrecondition without a pending BackwardPartial. A Forward or
-  // Backward in between discards the pending gradient, so a caller whose
-  // all-reduce fails simply does not commit and the layer stays as it was.
+  // kFailedPrecondition without a pending BackwardPartial. A successful
+  // Forward, or any Backward or BackwardPartial (even one that fails), in
+  // between discards the pending gradient; gradients and weights are never
+  // touched before CommitBackward, so a caller whose all-reduce fails simply
+  // does not commit and the layer's parameters and gradients stay as they
+  // were (its cached input too, for another Backward).
   absl::StatusOr<Tensor> BackwardPartial(const Tensor& grad_out);
   absl::Status CommitBackward();
 

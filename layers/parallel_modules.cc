@@ -177,7 +177,19 @@ absl::StatusOr<Tensor> ColumnSiblingsBackward(
         "ColumnSiblingsBackward: no modules given");
   }
   std::vector<ColumnParallelLinearModule*> columns;
-  for (const auto& [module, grad] : parts) {
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Module* module = parts[i].first;
+    if (module == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ColumnSiblingsBackward: module ", i, " is null"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (parts[j].first == module) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("ColumnSiblingsBackward: ", module->DisplayName(),
+                         " is given twice (positions ", j, " and ", i, ")"));
+      }
+    }
     columns.push_back(dynamic_cast<ColumnParallelLinearModule*>(module));
   }
   bool fused = parts.size() > 1;

@@ -142,7 +142,13 @@ class VocabParallelEmbeddingModule final : public Module {
 // modules commit their gradients only after that all-reduce succeeded.
 // Otherwise (serial modules, mixed styles) each module's Backward runs in
 // turn and the results are summed. Errors: the modules' and the collective's,
-// unchanged; kInvalidArgument for an empty `parts`.
+// unchanged; kInvalidArgument for an empty `parts`, a null module or a
+// module given twice (checked before anything runs).
+//
+// Example (what the decoder's attention does):
+//   ASSIGN_OR_RETURN(tp::Tensor dx, tp::ColumnSiblingsBackward(
+//                                       {{q_proj, dq}, {k_proj, dk},
+//                                        {v_proj, dv}}));
 absl::StatusOr<Tensor> ColumnSiblingsBackward(
     const std::vector<std::pair<Module*, Tensor>>& parts);
 

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "layers/attention_core.h"
 #include "runtime/status_macros.h"
 #include "tests/layers/block_reference.h"
 #include "tests/layers/block_test_util.h"
@@ -256,6 +257,71 @@ TEST(ParallelSelfAttentionKVCache, GrowsPastCapacityAndForksByCopy) {
       return absl::OkStatus();
     }));
   }
+}
+
+// KVCache semantics that the layers never exercise: two steps from one
+// cache state (the second must not write over the first's positions), a
+// truncated cache appending over positions a view still holds, and a
+// moved-from cache (empty and usable, not an abort).
+TEST(KVCacheTest, BranchesTruncationAndMoves) {
+  const int64_t b = 2, kv = 2, g = 3, d = 4;
+  auto rand5 = [&](int64_t s, int64_t n, uint64_t seed) {
+    return MakeTensor(RandomVec(b * s * kv * n * d, seed), {b, s, kv, n, d},
+                      DType::kFloat32);
+  };
+  KVCache cache;
+  {
+    auto r = attention_core::ForwardCached(rand5(3, g, 1), rand5(3, 1, 2),
+                                           rand5(3, 1, 3), cache);
+    ASSERT_TRUE(r.ok()) << r.status();
+    cache = std::move(r->next_cache);
+  }
+  ASSERT_EQ(cache.length(), 3);
+  ASSERT_EQ(cache.capacity(), 16);
+  // Two branches from the same state.
+  auto one = attention_core::ForwardCached(rand5(1, g, 4), rand5(1, 1, 5),
+                                           rand5(1, 1, 6), cache);
+  ASSERT_TRUE(one.ok()) << one.status();
+  const std::vector<double> one_keys = one->next_cache.keys().ToDoubles();
+  auto two = attention_core::ForwardCached(rand5(1, g, 7), rand5(1, 1, 8),
+                                           rand5(1, 1, 9), cache);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_EQ(one->next_cache.keys().ToDoubles(), one_keys)
+      << "the second branch overwrote the first's position 3";
+  EXPECT_NE(two->next_cache.keys().ToDoubles(), one_keys);
+  EXPECT_EQ(cache.length(), 3);
+  // Truncation: a view of 4 positions survives appends after Truncate(3).
+  KVCache branch = std::move(one->next_cache);
+  EXPECT_EQ(one->next_cache.length(), 0);  // moved-from: empty
+  EXPECT_FALSE(one->next_cache.keys().defined());
+  const Tensor view = branch.keys();
+  EXPECT_EQ(branch.Truncate(5).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(branch.Truncate(-1).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(branch.Truncate(3).ok());
+  EXPECT_EQ(branch.length(), 3);
+  auto after = attention_core::ForwardCached(rand5(1, g, 10), rand5(1, 1, 11),
+                                             rand5(1, 1, 12), branch);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(view.ToDoubles(), one_keys) << "an append changed a held view";
+  // A moved-from cache is a usable empty cache.
+  auto again = attention_core::ForwardCached(rand5(2, g, 13), rand5(2, 1, 14),
+                                             rand5(2, 1, 15), one->next_cache);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->next_cache.length(), 2);
+  // A cache of another batch is an error, not a crash.
+  auto other = attention_core::ForwardCached(
+      MakeTensor(RandomVec(1 * kv * g * d, 16), {1, 1, kv, g, d},
+                 DType::kFloat32),
+      MakeTensor(RandomVec(kv * d, 17), {1, 1, kv, 1, d}, DType::kFloat32),
+      MakeTensor(RandomVec(kv * d, 18), {1, 1, kv, 1, d}, DType::kFloat32),
+      cache);
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kInvalidArgument);
+  // Growth is capped by max_positions, but never below what is needed.
+  auto capped = attention_core::ForwardCached(
+      rand5(14, g, 19), rand5(14, 1, 20), rand5(14, 1, 21), cache, 20);
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_EQ(capped->next_cache.capacity(), 20);
+  EXPECT_EQ(capped->next_cache.length(), 17);
 }
 
 TEST(ParallelSelfAttentionFiniteDifference, BackwardMatchesFiniteDifferences) {

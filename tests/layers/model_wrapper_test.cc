@@ -26,6 +26,7 @@
 #include "runtime/status_macros.h"
 #include "tests/layers/decoder_test_util.h"
 #include "tests/layers/layer_test_util.h"
+#include "tests/testing/fake_communicator.h"
 
 namespace tp {
 namespace {
@@ -378,6 +379,45 @@ TEST(DistributedModelWrapperTest, GreedyGenerationIdenticalAtTp1To4) {
         return absl::OkStatus();
       }));
     }
+  }
+}
+
+// A ForwardStep that fails in its second layer (an injected failure of that
+// layer's attention all-reduce, call 3 of the step: embedding, layer 0
+// attention, layer 0 MLP, layer 1 attention) leaves the cache as it was on
+// every rank, although layer 0 had already appended; retrying the step on
+// that cache then gives the logits of a fresh cache. Without the roll-back
+// layer 0 would stay one step ahead of the others.
+TEST(DistributedModelWrapperTest, FailedForwardStepLeavesTheCacheAsItWas) {
+  const DecoderConfig c = LlamaConfig();
+  ASSERT_GE(c.layers, 2);
+  const int64_t P = 3;
+  const Tensor prompt = IdTensor(Ids(kBatch * P, c.vocab, 61), {kBatch, P});
+  for (int failing : {0, 1}) {
+    std::vector<FakeCommunicatorOptions> options(2);
+    options[failing].fail_on_call = 3;
+    const std::vector<absl::Status> statuses = testing_layers::RunFake(
+        2, options, [&](Communicator& comm) -> absl::Status {
+          ASSIGN_OR_RETURN(auto model, DistributedModelWrapper::Create(
+                                           SerialModel(c), comm));
+          Decoder& dec = *model->module_as<Decoder>();
+          DecoderCache cache, fresh;
+          if (dec.ForwardStep(prompt, cache).ok()) {
+            return absl::InternalError("the step did not fail");
+          }
+          if (cache.length() != 0) {
+            return absl::InternalError(absl::StrCat(
+                "cache length ", cache.length(), " after a failed step"));
+          }
+          ASSIGN_OR_RETURN(Tensor retried, dec.ForwardStep(prompt, cache));
+          ASSIGN_OR_RETURN(Tensor want, dec.ForwardStep(prompt, fresh));
+          if (cache.length() != P || retried.ToDoubles() != want.ToDoubles()) {
+            return absl::InternalError(
+                "the retried step differs from a fresh cache's");
+          }
+          return absl::OkStatus();
+        });
+    for (const absl::Status& st : statuses) TP_EXPECT_OK(st);
   }
 }
 

@@ -367,6 +367,21 @@ TEST_P(OpsTest, BatchMatMulOfViews) {
       }
     }
   }
+  // A decode step's shapes: one query row against a 1-row slice of a cache
+  // buffer, with a size-1 batch dim whose stride is irrelevant.
+  Tensor qbuf = Rand({1, 3, 1, 4}, 33);
+  Tensor kbuf = Rand({1, 3, 9, 4}, 34);
+  Tensor k1 = kbuf.Narrow(2, 5, 1).value();  // [1, 3, 1, 4]
+  auto c = BatchMatMul(qbuf, k1, false, true);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const Vec qv = qbuf.ToDoubles(), kv = k1.ToDoubles();
+  Vec want;
+  for (int64_t h = 0; h < 3; ++h) {
+    double dot = 0;
+    for (int64_t i = 0; i < 4; ++i) dot += qv[h * 4 + i] * kv[h * 4 + i];
+    want.push_back(dot);
+  }
+  ExpectClose(*c, want, {1, 3, 1, 1}, dt());
 }
 
 TEST_P(OpsTest, ElementwiseArithmetic) {
