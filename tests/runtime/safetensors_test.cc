@@ -678,6 +678,11 @@ TEST(SafetensorsTest, SliceReadsPeakAtTheirOwnPages) {
   Tensor eighth_rows = Tensor::Zeros({rows / 8, cols}, DType::kFloat32);
   Tensor quarter_cols = Tensor::Zeros({rows, cols / 4}, DType::kFloat32);
   Tensor sixteenth_cols = Tensor::Zeros({rows, cols / 16}, DType::kFloat32);
+#if defined(__SANITIZE_THREAD__)
+  // ThreadSanitizer maps shadow memory for every page the reader touches,
+  // which inflates VmHWM several-fold: the figure measures TSan, not us.
+  GTEST_SKIP() << "resident-memory peaks are not meaningful under TSan";
+#endif
   if (!ResetPeakRss()) GTEST_SKIP() << "cannot write /proc/self/clear_refs";
   struct Case {
     const char* label;
