@@ -984,31 +984,49 @@ absl::StatusOr<Tensor> Decoder::GreedyTokens(const Tensor& logits) {
   std::vector<int64_t> arg(B);
   for (int64_t b = 0; b < B; ++b) {
     const double* row = z.data() + b * V;
-    // The first maximum; NaN never wins (comparisons with NaN are false).
-    int64_t j_best = 0;
-    for (int64_t j = 1; j < V; ++j) {
-      if (row[j] > row[j_best] || std::isnan(row[j_best])) j_best = j;
+    // The first maximum; NaN never wins. An all-NaN slice sends NaN with
+    // its first id, so that an all-NaN row gives id 0 at every TP size.
+    int64_t j_best = -1;
+    for (int64_t j = 0; j < V; ++j) {
+      if (!std::isnan(row[j]) && (j_best < 0 || row[j] > row[j_best])) {
+        j_best = j;
+      }
     }
-    best[b] = std::isnan(row[j_best]) ? -std::numeric_limits<double>::infinity()
-                                      : row[j_best];
-    arg[b] = j_best;
+    best[b] =
+        j_best < 0 ? std::numeric_limits<double>::quiet_NaN() : row[j_best];
+    arg[b] = j_best < 0 ? 0 : j_best;
   }
   if (group == nullptr) {
     return Tensor::FromVector<int64_t>(arg, {B});
   }
-  // Global maximum, then the smallest global id reaching it.
-  ASSIGN_OR_RETURN(Tensor gmax, Tensor::FromVector<double>(best, {B}));
-  RETURN_IF_ERROR(group->AllReduce(gmax, ReduceOp::kMax));
-  const double* gm = gmax.data<double>();
+  // One all-gather of every rank's (maximum, global id) pair; every rank
+  // then picks the largest value, ties to the smallest id (ranks hold
+  // increasing ids, so the first rank in order that reaches it), skipping
+  // all-NaN slices (id 0 when every slice is).
   const int64_t offset = static_cast<int64_t>(group->rank()) * V;
-  std::vector<int64_t> cand(B);
+  std::vector<double> pairs(2 * B);
   for (int64_t b = 0; b < B; ++b) {
-    cand[b] = best[b] == gm[b] ? offset + arg[b]
-                               : std::numeric_limits<int64_t>::max();
+    pairs[2 * b] = best[b];
+    pairs[2 * b + 1] = static_cast<double>(offset + arg[b]);  // < 2^53: exact
   }
-  ASSIGN_OR_RETURN(Tensor ids, Tensor::FromVector<int64_t>(cand, {B}));
-  RETURN_IF_ERROR(group->AllReduce(ids, ReduceOp::kMin));
-  return ids;
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::FromVector<double>(pairs, {B, 2}));
+  Tensor all = Tensor::Empty({group->size() * B, 2}, DType::kFloat64);
+  RETURN_IF_ERROR(group->AllGather(mine, all));
+  const double* a = all.data<double>();
+  std::vector<int64_t> ids(B);
+  for (int64_t b = 0; b < B; ++b) {
+    double value = a[2 * b];
+    double id = a[2 * b + 1];
+    for (int r = 1; r < group->size(); ++r) {
+      const double* p = a + 2 * (static_cast<int64_t>(r) * B + b);
+      if (!std::isnan(p[0]) && (std::isnan(value) || p[0] > value)) {
+        value = p[0];
+        id = p[1];
+      }
+    }
+    ids[b] = static_cast<int64_t>(id);
+  }
+  return Tensor::FromVector<int64_t>(ids, {B});
 }
 
 absl::StatusOr<Tensor> Decoder::Generate(const Tensor& prompt,

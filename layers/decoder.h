@@ -59,8 +59,8 @@
 //
 // Generation. ForwardStep feeds the next positions of a batch of sequences
 // and appends their keys and values to a DecoderCache; GreedyTokens takes the
-// argmax over the full vocabulary (an all-reduce of the local maxima and of
-// the first index that reaches it, so ties go to the smallest id and every
+// argmax over the full vocabulary (one all-gather of each rank's local
+// maximum and its id; ties go to the smallest id, NaN never wins, and every
 // rank gets the same tokens); Generate loops prefill + one token at a time.
 // A ForwardStep that fails leaves the DecoderCache with the positions it had.
 //

@@ -548,6 +548,14 @@ TEST(DecoderTest, GreedyTokensTakesTheFirstMaximum) {
   absl::StatusOr<Tensor> t = dec->GreedyTokens(*logits);
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(*t->ToVector<int64_t>(), (std::vector<int64_t>{1, 0}));
+  // NaN never wins; an all-NaN row gives id 0 (as at every TP size).
+  const float nan = std::nanf("");
+  logits = Tensor::FromVector<float>({nan, -3.f, nan, -4.f, nan, nan, nan, nan},
+                                     {2, 4});
+  ASSERT_TRUE(logits.ok());
+  t = dec->GreedyTokens(*logits);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->ToVector<int64_t>(), (std::vector<int64_t>{1, 0}));
 }
 
 }  // namespace
