@@ -100,10 +100,17 @@ absl::Status AccumulateLinearGrads(const Tensor& dy, const Tensor& x,
   if (bias_grad != nullptr) {
     ASSIGN_OR_RETURN(db, ops::BiasGrad(dy));
   }
-  RETURN_IF_ERROR(ops::MatMulInto(dy, x, weight_grad, /*trans_a=*/true,
-                                  false, 1.0, 1.0));
+  RETURN_IF_ERROR(
+      ops::MatMulInto(dy, x, weight_grad, /*trans_a=*/true, false, 1.0, 1.0));
   if (bias_grad != nullptr) RETURN_IF_ERROR(ops::AddInPlace(*bias_grad, db));
   return absl::OkStatus();
+}
+
+// Whether Forward fuses the bias into the GEMM: for float32/float64, whose
+// GEMM accumulates in place. fp16/bf16 GEMMs go through float32 buffers, so
+// there a fused bias would cost more passes than a separate AddBias.
+bool FusesBias(DType dtype) {
+  return dtype == DType::kFloat32 || dtype == DType::kFloat64;
 }
 
 // A new [rows, n] tensor whose every row is `bias` [n] (bias's dtype).
@@ -123,11 +130,12 @@ absl::StatusOr<Tensor> BiasRows(const Tensor& bias, int64_t rows) {
 }  // namespace internal_linear
 
 using internal_linear::AccumulateLinearGrads;
-using internal_linear::BiasRows;
 using internal_linear::Annotate;
+using internal_linear::BiasRows;
 using internal_linear::CheckCommon;
 using internal_linear::CheckGradShape;
 using internal_linear::FlattenInput;
+using internal_linear::FusesBias;
 using internal_linear::WithLastDim;
 using internal_linear::ZeroFill;
 
@@ -195,14 +203,17 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Forward(const Tensor& x) {
   ASSIGN_OR_RETURN(Tensor flat, FlattenInput(o.name, "input", full_x,
                                              o.in_features, o.dtype));
   Tensor y;
-  if (o.bias && !o.skip_bias_add) {
+  if (o.bias && !o.skip_bias_add && FusesBias(o.dtype)) {
     // The bias fused into the GEMM: y starts as the bias in every row and
-    // the product is accumulated onto it (beta = 1), one pass over y fewer
-    // than a separate AddBias and one rounding for fp16/bf16.
+    // the product is accumulated onto it (beta = 1): no separate AddBias
+    // pass and no second output.
     ASSIGN_OR_RETURN(y, BiasRows(bias_, flat.dim(0)));
     RETURN_IF_ERROR(ops::MatMulInto(flat, weight_, y, false, true, 1.0, 1.0));
   } else {
     ASSIGN_OR_RETURN(y, ops::MatMul(flat, weight_, false, true));
+    if (o.bias && !o.skip_bias_add) {
+      ASSIGN_OR_RETURN(y, ops::AddBias(y, bias_));
+    }
   }
   Shape out_shape = WithLastDim(full_x.shape(), local_out_);
   ASSIGN_OR_RETURN(y, y.Reshape(out_shape));
@@ -379,7 +390,7 @@ absl::StatusOr<Tensor> RowParallelLinear::Forward(const Tensor& x) {
   // With one rank there is no reduction to add the bias after: fuse it into
   // the GEMM as the column layer does.
   const bool add_bias = o.bias && !o.skip_bias_add;
-  const bool fuse_bias = add_bias && comm_.size() == 1;
+  const bool fuse_bias = add_bias && comm_.size() == 1 && FusesBias(o.dtype);
   Tensor y;
   if (fuse_bias) {
     ASSIGN_OR_RETURN(y, BiasRows(bias_, flat.dim(0)));

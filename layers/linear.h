@@ -8,7 +8,9 @@
 //     the input gradient.
 //   * RowParallelLinear splits the INPUT features: rank r holds columns
 //     [r * in/tp, (r + 1) * in/tp) of W and the full (replicated) b. Forward
-//     all-reduces the partial outputs and adds b once, after the reduction.
+//     all-reduces the partial outputs and adds b once, after the reduction
+//     (at TP = 1, float32/float64: fused into the GEMM, as the column layer
+//     always does for those dtypes).
 // A column layer with gather_output = false followed by a row layer with
 // input_is_parallel = true (an MLP's up/down projection, attention's QKV/out)
 // costs one all-reduce forward and one backward, and equals the serial

@@ -472,12 +472,14 @@ bool IsTimeoutMessage(absl::string_view what) {
          absl::StrContains(lower, "timeout");
 }
 
-// Bits 3..23 of a Send/Recv data slot: 21 bits of FNV-1a over the tensor's
-// dtype and shape, so a Send and a Recv that disagree use different slots
-// and never exchange data. Without it, and without the header exchange
-// (check_consistency=off), such a pair "succeeded": a test saw OK on both
+// Bits 3..23 of a Send/Recv data slot with check_consistency=off (the other
+// modes compare headers first and leave them 0): 21 bits of FNV-1a over the
+// tensor's dtype and shape, so a Send and a Recv that disagree use different
+// slots and exchange no data (but for a 2^-21 chance of equal
+// fingerprints). Before, such a pair "succeeded": a test saw OK on both
 // ranks for a Recv 3 elements longer than its Send and for float32 read as
-// int32. Now they time out instead.
+// int32. Now they time out instead. (An empty tensor never reaches a slot:
+// its side returns at once, and the other side, if not empty, times out.)
 uint64_t P2PFingerprint(const Tensor& t) {
   uint64_t hash = 0xcbf29ce484222325ull;
   auto mix = [&hash](int64_t v) {
@@ -494,16 +496,18 @@ uint64_t P2PFingerprint(const Tensor& t) {
 
 // Without the header exchange a Send and a Recv that disagree time out
 // (their slots differ): say so in the error.
-absl::Status P2PTimeoutHint(const absl::Status& s, ConsistencyCheck mode) {
+absl::Status P2PTimeoutHint(absl::Status& broken, const absl::Status& s,
+                            ConsistencyCheck mode) {
   if (mode != ConsistencyCheck::kOff ||
       s.code() != absl::StatusCode::kDeadlineExceeded) {
     return s;
   }
-  return absl::Status(
+  broken = absl::Status(
       s.code(), absl::StrCat(s.message(),
                              " (check_consistency=off: a Send and a Recv that "
                              "differ in shape or dtype wait for each other "
                              "until the timeout)"));
+  return broken;
 }
 
 uint64_t P2PSlot(uint32_t message, int src, int dst, int which,
@@ -1496,12 +1500,14 @@ absl::Status GlooCommunicator::SendLocked(const Tensor& t, int dst) {
     if (t.nbytes() == 0) return absl::OkStatus();
   }
   bool sent = true;
+  const bool off = options_.check_consistency == ConsistencyCheck::kOff;
   absl::Status data = Guarded("Send", [&] {
     auto buffer = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
-    buffer->send(dst, P2PSlot(seq, rank_, dst, 2, P2PFingerprint(t)));
+    buffer->send(dst, P2PSlot(seq, rank_, dst, 2, off ? P2PFingerprint(t) : 0));
     sent = buffer->waitSend(Remaining(deadline));
   });
-  if (!data.ok()) return P2PTimeoutHint(data, options_.check_consistency);
+  if (!data.ok())
+    return P2PTimeoutHint(broken_, data, options_.check_consistency);
   if (!sent) {
     broken_ = absl::InternalError(
         absl::StrCat("gloo Send on rank ", rank_, ": the send was aborted"));
@@ -1537,12 +1543,14 @@ absl::Status GlooCommunicator::RecvLocked(Tensor& t, int src) {
     if (t.nbytes() == 0) return absl::OkStatus();
   }
   bool received = true;
+  const bool off = options_.check_consistency == ConsistencyCheck::kOff;
   absl::Status data = Guarded("Recv", [&] {
     auto buffer = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
-    buffer->recv(src, P2PSlot(seq, src, rank_, 2, P2PFingerprint(t)));
+    buffer->recv(src, P2PSlot(seq, src, rank_, 2, off ? P2PFingerprint(t) : 0));
     received = buffer->waitRecv(Remaining(deadline));
   });
-  if (!data.ok()) return P2PTimeoutHint(data, options_.check_consistency);
+  if (!data.ok())
+    return P2PTimeoutHint(broken_, data, options_.check_consistency);
   if (!received) {
     broken_ = absl::InternalError(
         absl::StrCat("gloo Recv on rank ", rank_, ": the receive was aborted"));

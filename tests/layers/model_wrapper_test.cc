@@ -7,6 +7,7 @@
 #include "layers/model_wrapper.h"
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -388,18 +389,19 @@ TEST(DistributedModelWrapperTest, GreedyGenerationIdenticalAtTp1To4) {
 // row (id 0), in one collective per call.
 TEST(DistributedModelWrapperTest, GreedyTokensAcrossRanksInOneCollective) {
   const DecoderConfig c = LlamaConfig();
-  const int64_t V = c.vocab, B = 5;
+  const int64_t V = c.vocab, B = 7;
   const double nan = std::nan("");
   std::vector<double> full(B * V, -1.0);
   std::vector<int64_t> want(B);
-  // Row 0: the maximum at the last id. Row 1: a tie between id 50 and 90
+  // Row 0: the maximum at the last id. Row 1: a tie between id 20 and 90
   // (different ranks at tp 2, 3, 4). Row 2: NaN everywhere except id 70.
   // Row 3: all NaN. Row 4: a tie inside one rank's slice (ids 3 and 5) with
-  // NaN at id 0.
+  // NaN at id 0. Row 5: all -inf (the first id). Row 6: NaN on rank 0's
+  // slice, -inf everywhere else (the first id after rank 0's slice).
   full[0 * V + V - 1] = 4.0;
   want[0] = V - 1;
-  full[1 * V + 50] = full[1 * V + 90] = 2.5;
-  want[1] = 50;
+  full[1 * V + 20] = full[1 * V + 90] = 2.5;
+  want[1] = 20;
   for (int64_t j = 0; j < V; ++j) full[2 * V + j] = j == 70 ? -7.0 : nan;
   want[2] = 70;
   for (int64_t j = 0; j < V; ++j) full[3 * V + j] = nan;
@@ -407,6 +409,9 @@ TEST(DistributedModelWrapperTest, GreedyTokensAcrossRanksInOneCollective) {
   full[4 * V + 0] = nan;
   full[4 * V + 3] = full[4 * V + 5] = 1.0;
   want[4] = 3;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < V; ++j) full[5 * V + j] = -inf;
+  want[5] = 0;
   for (int tp : {2, 3, 4}) {
     TP_EXPECT_OK(RunGloo(tp, [&](Communicator& gloo) -> absl::Status {
       TimedCommunicator comm(gloo);
@@ -414,20 +419,24 @@ TEST(DistributedModelWrapperTest, GreedyTokensAcrossRanksInOneCollective) {
                        DistributedModelWrapper::Create(SerialModel(c), comm));
       Decoder& dec = *model->module_as<Decoder>();
       const int64_t vl = V / tp;
+      std::vector<double> rows = full;
+      for (int64_t j = 0; j < V; ++j) rows[6 * V + j] = j < vl ? nan : -inf;
+      std::vector<int64_t> expect = want;
+      expect[6] = vl;
       std::vector<double> mine;
       for (int64_t b = 0; b < B; ++b) {
-        mine.insert(mine.end(), full.begin() + b * V + comm.rank() * vl,
-                    full.begin() + b * V + (comm.rank() + 1) * vl);
+        mine.insert(mine.end(), rows.begin() + b * V + comm.rank() * vl,
+                    rows.begin() + b * V + (comm.rank() + 1) * vl);
       }
       ASSIGN_OR_RETURN(Tensor logits,
                        Tensor::FromDoubles(mine, {B, vl}, DType::kFloat32));
       comm.Reset();
       ASSIGN_OR_RETURN(Tensor ids, dec.GreedyTokens(logits));
       ASSIGN_OR_RETURN(std::vector<int64_t> got, ids.ToVector<int64_t>());
-      if (got != want) {
+      if (got != expect) {
         return absl::InternalError(
             absl::StrCat("tp ", tp, ": tokens ", absl::StrJoin(got, ","),
-                         ", want ", absl::StrJoin(want, ",")));
+                         ", want ", absl::StrJoin(expect, ",")));
       }
       if (comm.stats().total().calls != 1) {
         return absl::InternalError(comm.stats().ToString());

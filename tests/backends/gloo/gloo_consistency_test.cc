@@ -404,8 +404,9 @@ TEST(GlooConsistencyTest, OffModeMismatchIsAnErrorNotAnAbort) {
 
 // Without the header exchange, a Recv of another size or dtype than its Send
 // (same byte count for float32 vs int32) times out on both ranks within the
-// timeout + 1 s, with a hint, instead of aborting inside Gloo; a matching
-// pair before and after the first one in a fresh group still works.
+// timeout + 1 s, with a hint, instead of "succeeding" with wrong data; a
+// matching pair just before it works (after the timeout the communicator is
+// unusable, as after any timeout).
 TEST(GlooConsistencyTest, OffModeSendRecvMismatchTimesOutInsteadOfAborting) {
   const absl::Duration timeout = absl::Seconds(1);
   struct Case {
