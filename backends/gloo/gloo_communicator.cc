@@ -495,18 +495,21 @@ uint64_t P2PFingerprint(const Tensor& t) {
 }
 
 // Without the header exchange a Send and a Recv that disagree time out
-// (their slots differ): say so in the error.
+// (their slots differ; the later side may see the connection closed by the
+// one that timed out first): say so in the error.
 absl::Status P2PTimeoutHint(absl::Status& broken, const absl::Status& s,
                             ConsistencyCheck mode) {
   if (mode != ConsistencyCheck::kOff ||
-      s.code() != absl::StatusCode::kDeadlineExceeded) {
+      (s.code() != absl::StatusCode::kDeadlineExceeded &&
+       s.code() != absl::StatusCode::kUnavailable)) {
     return s;
   }
   broken = absl::Status(
       s.code(), absl::StrCat(s.message(),
                              " (check_consistency=off: a Send and a Recv that "
                              "differ in shape or dtype wait for each other "
-                             "until the timeout)"));
+                             "until the timeout, and the side that gives up "
+                             "first closes the connection)"));
   return broken;
 }
 

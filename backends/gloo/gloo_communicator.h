@@ -49,9 +49,11 @@
 //       first: one small all-gather more than raw Gloo above 4 KB.
 //   kOff ("off", "false", "0")         no envelope; data only. A rank whose
 //       arguments fail locally returns at once and its peers time out.
-//       A Send and a Recv that differ in shape or dtype time out (their
-//       data slots carry a 21-bit fingerprint of the shape and dtype, so
-//       they exchange no data but for a 2^-21 chance); the error says so.
+//       A Send and a Recv that differ in shape or dtype fail with
+//       kDeadlineExceeded, or kUnavailable on the side whose peer timed out
+//       first and closed the connection (their data slots carry a 21-bit
+//       fingerprint of the shape and dtype, so they exchange no data but
+//       for a 2^-21 chance); the error says so.
 //       An empty tensor's side returns at once without waiting.
 //
 // Why skipping is safe: every collective puts a 32-bit fingerprint of its
