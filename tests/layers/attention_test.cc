@@ -21,6 +21,7 @@ namespace {
 using block_testing::CheckClose;
 using block_testing::CheckShards;
 using block_testing::LoadShards;
+using block_testing::PositionRows;
 using block_testing::RandomParams;
 using block_testing::RowSlice;
 using block_testing::Vec;
@@ -133,12 +134,7 @@ TEST(ParallelSelfAttentionKVCache, GenerationEqualsFullSequenceForward) {
       const Vec y_ref = block_ref::Attention(params, "", d, x);
       // Rows of positions [p0, p0 + n) of every sequence, batch-major.
       auto positions = [&](const Vec& m, int64_t p0, int64_t n) {
-        Vec out;
-        for (int64_t b = 0; b < B; ++b) {
-          Vec r = RowSlice(m, H, b * S + p0, n);
-          out.insert(out.end(), r.begin(), r.end());
-        }
-        return out;
+        return PositionRows(m, B, S, H, p0, n);
       };
       TP_EXPECT_OK(RunGloo(tp, [&](Communicator& comm) -> absl::Status {
         ASSIGN_OR_RETURN(auto attn,
@@ -206,12 +202,7 @@ TEST(ParallelSelfAttentionKVCache, GrowsPastCapacityAndForksByCopy) {
     const Vec other = RandomVec(B * H, 43);
     const Vec y_ref = block_ref::Attention(params, "", d, x);
     auto positions = [&](const Vec& m, int64_t p0, int64_t n) {
-      Vec out;
-      for (int64_t b = 0; b < B; ++b) {
-        Vec r = RowSlice(m, H, b * S + p0, n);
-        out.insert(out.end(), r.begin(), r.end());
-      }
-      return out;
+      return PositionRows(m, B, S, H, p0, n);
     };
     TP_EXPECT_OK(RunGloo(tp, [&](Communicator& comm) -> absl::Status {
       ASSIGN_OR_RETURN(auto attn,

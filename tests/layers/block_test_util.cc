@@ -113,6 +113,16 @@ Vec RowSlice(const Vec& m, int64_t cols, int64_t r0, int64_t n) {
   return Vec(m.begin() + r0 * cols, m.begin() + (r0 + n) * cols);
 }
 
+Vec PositionRows(const Vec& m, int64_t batch, int64_t seq, int64_t cols,
+                 int64_t p0, int64_t n) {
+  Vec out;
+  for (int64_t b = 0; b < batch; ++b) {
+    const Vec r = RowSlice(m, cols, b * seq + p0, n);
+    out.insert(out.end(), r.begin(), r.end());
+  }
+  return out;
+}
+
 absl::Status CheckClose(const Tensor& got, const Vec& want, double tol,
                         const std::string& what) {
   if (!got.defined()) return absl::InternalError(what + ": undefined");

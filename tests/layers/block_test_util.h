@@ -50,6 +50,11 @@ absl::Status CheckShards(const std::vector<ParameterShard>& shards,
 // Rows [r0, r0 + n) of a row-major [rows, cols] matrix.
 Vec RowSlice(const Vec& m, int64_t cols, int64_t r0, int64_t n);
 
+// Positions [p0, p0 + n) of every sequence of a batch-major [batch * seq,
+// cols] matrix, batch-major: the rows a KV-cache step feeds.
+Vec PositionRows(const Vec& m, int64_t batch, int64_t seq, int64_t cols,
+                 int64_t p0, int64_t n);
+
 // Relative error max|a - b| / max|b|, and a kInternal status when >= tol.
 absl::Status CheckClose(const Tensor& got, const Vec& want, double tol,
                         const std::string& what);

@@ -22,6 +22,7 @@ namespace {
 using block_testing::CheckClose;
 using block_testing::CheckShards;
 using block_testing::LoadShards;
+using block_testing::PositionRows;
 using block_testing::RandomParams;
 using block_testing::RowSlice;
 using block_testing::Vec;
@@ -141,12 +142,7 @@ TEST(TransformerBlockKVCache, GenerationEqualsFullSequenceForward) {
     const Vec x = RandomVec(B * S * H, 62);
     const Vec y_ref = block_ref::Block(params, "", d, x);
     auto positions = [&](const Vec& m, int64_t p0, int64_t n) {
-      Vec out;
-      for (int64_t b = 0; b < B; ++b) {
-        Vec r = RowSlice(m, H, b * S + p0, n);
-        out.insert(out.end(), r.begin(), r.end());
-      }
-      return out;
+      return PositionRows(m, B, S, H, p0, n);
     };
     TP_EXPECT_OK(RunGloo(2, [&](Communicator& comm) -> absl::Status {
       ASSIGN_OR_RETURN(auto blk, TransformerBlock::Create(
