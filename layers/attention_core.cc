@@ -62,14 +62,7 @@ KVCache& KVCache::operator=(const KVCache& other) {
   return *this;
 }
 
-KVCache::KVCache(KVCache&& other) noexcept
-    : key_buffer_(std::move(other.key_buffer_)),
-      value_buffer_(std::move(other.value_buffer_)),
-      end_(std::move(other.end_)),
-      length_(std::exchange(other.length_, 0)) {
-  other.key_buffer_ = other.value_buffer_ = Tensor();
-  other.end_.reset();
-}
+KVCache::KVCache(KVCache&& other) noexcept { *this = std::move(other); }
 
 KVCache& KVCache::operator=(KVCache&& other) noexcept {
   if (this == &other) return *this;

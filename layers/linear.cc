@@ -113,29 +113,34 @@ bool FusesBias(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kFloat64;
 }
 
-// A new [rows, n] tensor whose every row is `bias` [n] (bias's dtype).
-absl::StatusOr<Tensor> BiasRows(const Tensor& bias, int64_t rows) {
-  const Tensor b = bias.Contiguous();
-  Tensor out = Tensor::Empty({rows, b.dim(0)}, b.dtype());
+// x [rows, in] times weight [out, in] transposed, plus `fused_bias` [out]
+// when given: the output starts as the bias in every row and the product is
+// accumulated onto it (beta = 1), with no separate AddBias pass and no
+// second output. Callers pass a bias only where FusesBias holds.
+absl::StatusOr<Tensor> LinearProduct(const Tensor& x, const Tensor& weight,
+                                     const Tensor* fused_bias) {
+  if (fused_bias == nullptr) return ops::MatMul(x, weight, false, true);
+  const Tensor b = fused_bias->Contiguous();
+  Tensor y = Tensor::Empty({x.dim(0), b.dim(0)}, b.dtype());
   const size_t row_bytes = b.nbytes();
-  if (row_bytes == 0) return out;
-  char* dst = static_cast<char*>(out.raw_data());
-  for (int64_t r = 0; r < rows; ++r) {
+  char* dst = static_cast<char*>(y.raw_data());
+  for (int64_t r = 0; row_bytes > 0 && r < x.dim(0); ++r) {
     std::memcpy(dst + static_cast<size_t>(r) * row_bytes, b.raw_data(),
                 row_bytes);
   }
-  return out;
+  RETURN_IF_ERROR(ops::MatMulInto(x, weight, y, false, true, 1.0, 1.0));
+  return y;
 }
 
 }  // namespace internal_linear
 
 using internal_linear::AccumulateLinearGrads;
 using internal_linear::Annotate;
-using internal_linear::BiasRows;
 using internal_linear::CheckCommon;
 using internal_linear::CheckGradShape;
 using internal_linear::FlattenInput;
 using internal_linear::FusesBias;
+using internal_linear::LinearProduct;
 using internal_linear::WithLastDim;
 using internal_linear::ZeroFill;
 
@@ -202,18 +207,12 @@ absl::StatusOr<Tensor> ColumnParallelLinear::Forward(const Tensor& x) {
   }
   ASSIGN_OR_RETURN(Tensor flat, FlattenInput(o.name, "input", full_x,
                                              o.in_features, o.dtype));
-  Tensor y;
-  if (o.bias && !o.skip_bias_add && FusesBias(o.dtype)) {
-    // The bias fused into the GEMM: y starts as the bias in every row and
-    // the product is accumulated onto it (beta = 1): no separate AddBias
-    // pass and no second output.
-    ASSIGN_OR_RETURN(y, BiasRows(bias_, flat.dim(0)));
-    RETURN_IF_ERROR(ops::MatMulInto(flat, weight_, y, false, true, 1.0, 1.0));
-  } else {
-    ASSIGN_OR_RETURN(y, ops::MatMul(flat, weight_, false, true));
-    if (o.bias && !o.skip_bias_add) {
-      ASSIGN_OR_RETURN(y, ops::AddBias(y, bias_));
-    }
+  const bool add_bias = o.bias && !o.skip_bias_add;
+  const bool fuse_bias = add_bias && FusesBias(o.dtype);
+  ASSIGN_OR_RETURN(Tensor y,
+                   LinearProduct(flat, weight_, fuse_bias ? &bias_ : nullptr));
+  if (add_bias && !fuse_bias) {
+    ASSIGN_OR_RETURN(y, ops::AddBias(y, bias_));
   }
   Shape out_shape = WithLastDim(full_x.shape(), local_out_);
   ASSIGN_OR_RETURN(y, y.Reshape(out_shape));
@@ -391,13 +390,8 @@ absl::StatusOr<Tensor> RowParallelLinear::Forward(const Tensor& x) {
   // the GEMM as the column layer does.
   const bool add_bias = o.bias && !o.skip_bias_add;
   const bool fuse_bias = add_bias && comm_.size() == 1 && FusesBias(o.dtype);
-  Tensor y;
-  if (fuse_bias) {
-    ASSIGN_OR_RETURN(y, BiasRows(bias_, flat.dim(0)));
-    RETURN_IF_ERROR(ops::MatMulInto(flat, weight_, y, false, true, 1.0, 1.0));
-  } else {
-    ASSIGN_OR_RETURN(y, ops::MatMul(flat, weight_, false, true));
-  }
+  ASSIGN_OR_RETURN(Tensor y,
+                   LinearProduct(flat, weight_, fuse_bias ? &bias_ : nullptr));
   ASSIGN_OR_RETURN(y, y.Reshape(WithLastDim(x.shape(), o.out_features)));
   if (o.sequence_parallel) {
     auto rs = ReduceScatterToSequenceParallel::Forward(comm_, y);

@@ -303,37 +303,12 @@ void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
               static_cast<int>(ldc));
 }
 
-// A 2-D matrix operand for GEMM: a pointer and leading dimension. Uses the
-// tensor's memory directly when it is C with unit inner stride (contiguous
-// or a Narrow() view); otherwise a contiguous C copy.
-template <typename C>
-class Matrix {
- public:
-  Matrix(const Tensor& t, int64_t rows, int64_t cols) {
-    if (t.ndim() == 2 && t.dtype() == DTypeOf<C>::value &&
-        t.strides()[1] == 1 && (rows <= 1 || t.strides()[0] >= cols)) {
-      p_ = static_cast<const C*>(t.raw_data());
-      ld_ = rows <= 1 ? std::max<int64_t>(cols, 1) : t.strides()[0];
-      return;
-    }
-    in_ = std::make_unique<Input<C>>(t);
-    p_ = in_->data();
-    ld_ = std::max<int64_t>(cols, 1);
-  }
-  const C* data() const { return p_; }
-  int64_t ld() const { return ld_; }
-
- private:
-  std::unique_ptr<Input<C>> in_;
-  const C* p_ = nullptr;
-  int64_t ld_ = 1;
-};
-
-// The operand of a batched product as `batch` matrices [rows, cols] at
-// p + i * batch_stride with leading dimension ld. Views whose last dim is
-// unit-stride and whose batch dims collapse into one stride (e.g. a Narrow
-// along dim -2 or -1 of a KV-cache buffer) are used in place; anything else
-// is made contiguous (and converted to C).
+// A GEMM operand of rank >= 2: `batch` matrices [rows, cols] (the last two
+// dims) at p + i * batch_stride with leading dimension ld; a 2-D tensor is a
+// batch of one. Views whose last dim is unit-stride and whose batch dims
+// collapse into one stride (a Narrow() of a matrix, or along dim -2 or -1
+// of a KV-cache buffer) are used in place; anything else is made contiguous
+// (and converted to C).
 template <typename C>
 class BatchMatrix {
  public:
@@ -435,13 +410,13 @@ absl::StatusOr<Tensor> MatMul(const Tensor& a, const Tensor& b, bool trans_a,
     if (a.ndim() != 2) {
       ASSIGN_OR_RETURN(a2, a.Contiguous().Reshape({a_rows_exact, a_cols}));
     }
-    Matrix<C> ma(a2, a_rows_exact, a_cols);
-    Matrix<C> mb(b, b.dim(0), b.dim(1));
+    BatchMatrix<C> ma(a2);
+    BatchMatrix<C> mb(b);
     RETURN_IF_ERROR(CheckBlasInt("MatMul", ma.ld(), "lda"));
     RETURN_IF_ERROR(CheckBlasInt("MatMul", mb.ld(), "ldb"));
     Output<C> out(std::move(out_shape), a.dtype());
-    Gemm(trans_a, trans_b, m, n, k, 1.0, ma.data(), ma.ld(), mb.data(), mb.ld(),
-         0.0, out.data(), n);
+    Gemm(trans_a, trans_b, m, n, k, 1.0, ma.matrix(0), ma.ld(), mb.matrix(0),
+         mb.ld(), 0.0, out.data(), n);
     return out.Finish();
   });
 }
@@ -516,12 +491,12 @@ absl::Status MatMulInto(const Tensor& a, const Tensor& b, Tensor& c,
         }
       }
     } else {
-      Matrix<C> ma(a, a.dim(0), a.dim(1));
-      Matrix<C> mb(b, b.dim(0), b.dim(1));
+      BatchMatrix<C> ma(a);
+      BatchMatrix<C> mb(b);
       RETURN_IF_ERROR(CheckBlasInt("MatMulInto", ma.ld(), "lda"));
       RETURN_IF_ERROR(CheckBlasInt("MatMulInto", mb.ld(), "ldb"));
-      Gemm(trans_a, trans_b, m, n, k, alpha, ma.data(), ma.ld(), mb.data(),
-           mb.ld(), beta, cp, ldc);
+      Gemm(trans_a, trans_b, m, n, k, alpha, ma.matrix(0), ma.ld(),
+           mb.matrix(0), mb.ld(), beta, cp, ldc);
     }
     if (!native) {
       Tensor rounded = Tensor::Empty({m, n}, c.dtype());
